@@ -1,0 +1,94 @@
+"""The one module that knows about the GPU.
+
+Everything else in minisq takes whatever array it is handed and asks this module for the
+matching array module (``numpy`` or ``cupy``) with :func:`get_array_module`. CuPy is
+imported lazily and only here; importing minisq never fails because CuPy or the CUDA
+libraries are missing. Note that ``import cupy`` succeeds on machines without a GPU and
+the first array operation fails, so :func:`gpu_available` really asks the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .errors import DeviceError
+
+DEVICES = ("cpu", "gpu")
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    """The cupy module, or None when it cannot be imported."""
+    try:
+        import cupy  # noqa: PLC0415  (the only CuPy import in minisq)
+    except Exception:  # ImportError, or a CUDA library that fails to load
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """True when CuPy imports *and* a CUDA device answers."""
+    cp = _cupy()
+    if cp is None:
+        return False
+    try:
+        if not cp.cuda.is_available():
+            return False
+        cp.asarray([1.0]).sum().item()  # the first real op is what fails without a GPU
+    except Exception:
+        return False
+    return True
+
+
+def cupy():
+    """The cupy module; raises DeviceError when no GPU is usable."""
+    if not gpu_available():
+        raise DeviceError(
+            "a GPU was asked for, but none is usable: install the GPU extra "
+            "(pip install 'minisq[gpu]', i.e. cupy-cuda12x) on a machine with an NVIDIA GPU "
+            "and driver, or use device='cpu'"
+        )
+    return _cupy()
+
+
+def check_device(device: str) -> str:
+    """Validate a device name ('cpu' or 'gpu') and that it is usable."""
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: use one of {DEVICES}")
+    if device == "gpu":
+        cupy()
+    return device
+
+
+def get_array_module(x):
+    """numpy for NumPy arrays (and anything else), cupy for CuPy arrays."""
+    cp = _cupy()
+    if cp is not None and isinstance(x, cp.ndarray):
+        return cp
+    return np
+
+
+def xp_for(device: str):
+    """The array module for a device name."""
+    return cupy() if check_device(device) == "gpu" else np
+
+
+def is_gpu_array(x) -> bool:
+    return get_array_module(x) is not np
+
+
+def to_device(x, device: str):
+    """Copy an array to 'cpu' (NumPy) or 'gpu' (CuPy); no copy when already there."""
+    if x is None:
+        return None
+    return xp_for(device).asarray(x)
+
+
+def to_numpy(x):
+    """A NumPy array from a NumPy or CuPy array (or anything array-like)."""
+    if is_gpu_array(x):
+        return x.get()
+    return np.asarray(x)
