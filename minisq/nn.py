@@ -1,0 +1,148 @@
+"""The transformer's building blocks as small pure functions (picoGPT style).
+
+Legend: B batch, T new tokens, S tokens attended to (past + new), C hidden, H heads,
+D = C // H head dim, F MLP width, V vocab.
+
+Every function takes whatever array module its input lives in (NumPy or CuPy) and keeps
+the input's float dtype: constants are cast to ``x.dtype`` first, because under NumPy 2
+``x32 * np.sqrt(2 / np.pi)`` silently promotes a float32 array to float64.
+
+**Linear layers are swappable leaves.** A linear layer in the parameter tree is an object
+``leaf`` with ``leaf(x) -> y``; the float one is :class:`Linear` (``y = x @ w + b`` with
+``w`` stored ``[C_in, C_out]``). Calibration wraps these leaves to record what flows into
+them, and quantization replaces them with W8A8 leaves; the forward pass never asks which
+kind it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .backend import get_array_module
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Linear:
+    """A float linear layer: ``y = x @ w + b``.
+
+    ``w`` is ``[C_in, C_out]`` whatever the checkpoint stored (GPT-2's Conv1D already is;
+    OPT's nn.Linear ``[C_out, C_in]`` is transposed at load). ``b`` is ``[C_out]`` or None.
+    """
+
+    w: object   # [C_in, C_out] float
+    b: object = None   # [C_out] float or None
+
+    @property
+    def in_features(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w.shape[1]
+
+    def __call__(self, x):
+        return linear(x, self.w, self.b)
+
+
+def linear(x, w, b=None):
+    # [..., C_in], [C_in, C_out], [C_out] -> [..., C_out]
+    y = x @ w
+    if b is not None:
+        y += b  # y is a fresh array: adding in place saves a pass over memory
+    return y
+
+
+def layer_norm(x, g=None, b=None, eps: float = 1e-5):
+    # [..., C], [C], [C] -> [..., C]; normalized over the last axis, biased variance (as torch)
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = (centered * centered).mean(axis=-1, keepdims=True)
+    y = centered
+    y *= 1 / xp.sqrt(var + x.dtype.type(eps))
+    if g is not None:
+        y *= g
+    if b is not None:
+        y += b
+    return y
+
+
+def gelu_tanh(x):
+    # [...] -> [...]; GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    xp = get_array_module(x)
+    t = x.dtype.type
+    inner = x * x
+    inner *= t(0.044715)
+    inner += t(1.0)
+    inner *= x
+    inner *= t(math.sqrt(2.0 / math.pi))
+    y = xp.tanh(inner, out=inner)
+    y += t(1.0)
+    y *= x
+    y *= t(0.5)
+    return y
+
+
+def relu(x):
+    # [...] -> [...]
+    xp = get_array_module(x)
+    return xp.maximum(x, x.dtype.type(0))
+
+
+ACTIVATION_FNS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "relu": relu}
+
+
+def softmax(x, axis: int = -1):
+    # [..., S] -> [..., S]
+    xp = get_array_module(x)
+    e = x - x.max(axis=axis, keepdims=True)
+    e = xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def split_heads(x, n_head: int):
+    # [B, T, C] -> [B, H, T, D]
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    # [B, H, T, D] -> [B, T, C]
+    B, H, T, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def attention_bias(mask, T: int, dtype):
+    """Additive bias ``[B, 1, T, S]``: 0 where a query may look, a large negative elsewhere.
+
+    ``mask`` is ``[B, S]`` (1 = real token, 0 = padding) over all S = past + T tokens; the
+    new tokens are the last T. Query t (absolute index S - T + t) sees key s when s <= its
+    index and key s is real. A large finite negative (not -inf) keeps fully-masked rows
+    (padding queries) finite instead of NaN, as Hugging Face does.
+    """
+    xp = get_array_module(mask)
+    B, S = mask.shape
+    q_index = xp.arange(S - T, S)[:, None]          # [T, 1]
+    causal = xp.arange(S)[None, :] <= q_index        # [T, S]
+    allowed = causal[None] & (mask[:, None, :] > 0)  # [B, T, S]
+    bias = xp.where(allowed, dtype.type(0), xp.finfo(dtype).min).astype(dtype)
+    return bias[:, None]                             # [B, 1, T, S]
+
+
+def attention(q, k, v, bias, scale: float, matmul=None):
+    """Scaled dot-product attention, all heads at once.
+
+    softmax(q kᵀ · scale + bias) v
+    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
+
+    ``matmul(a, b)`` computes the two batched products (q·kᵀ and p·v); the default is ``@``.
+    The INT8 attention BMM passes a quantized one.
+    """
+    mm = matmul or (lambda a, b: a @ b)
+    scores = mm(q, k.swapaxes(-1, -2))   # [B, H, T, S]
+    scores *= q.dtype.type(scale)
+    scores += bias
+    p = softmax(scores)
+    return mm(p, v)

@@ -1,0 +1,186 @@
+"""Text <-> token ids for GPT-2 and OPT: byte-level BPE, through the ``tokenizers`` library.
+
+GPT-2 and OPT share one tokenizer *algorithm* (Radford et al. 2019, sec. 2.2): the text is
+split by a regex into words, each word's UTF-8 bytes are mapped to printable characters
+("byte-level"), and the 50000 merges of ``merges.txt`` are applied greedily in rank order.
+They differ only in data: OPT uses the same merges and token strings under fairseq's ids
+(``Hello`` is 15496 in GPT-2 and 31414 in OPT) and prepends ``</s>`` (id 2) to every text.
+
+minisq does not reimplement BPE: the Rust ``tokenizers`` library is the same code HF uses,
+so the ids match what the checkpoints were trained on. The test suite holds it against
+llama.cpp's test vectors and a pure-Python BPE.
+
+What each model adds around the BPE is data, in :data:`SPECIAL_TOKENS`, not control flow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from .errors import CheckpointError, ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens of one model family, as strings of its vocabulary."""
+
+    bos: str  # prepended to every text when add_bos is true
+    eos: str  # ends a document; generation stops on it
+    pad: str | None  # fills short rows of a batch; None when the model has none
+    add_bos: bool  # HF's ``add_bos_token``
+
+
+# The defaults HF's tokenizer_config.json gives each family (openai-community/gpt2 and
+# facebook/opt-*). A tokenizer_config.json in the folder overrides them.
+SPECIAL_TOKENS = {
+    "gpt2": SpecialTokens(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, add_bos=False),
+    "opt": SpecialTokens(bos="</s>", eos="</s>", pad="<pad>", add_bos=True),
+}
+
+
+class Tokenizer:
+    """A loaded BPE plus the special-token facts minisq needs; see :func:`load_tokenizer`."""
+
+    def __init__(self, bpe: tokenizers.Tokenizer, special: SpecialTokens, folder: Path):
+        self.bpe = bpe  # the tokenizers.Tokenizer doing the work; kept public for inspection
+        self.special = special
+        self.add_bos = special.add_bos
+        self.bos_id = _token_id(bpe, special.bos, folder)
+        self.eos_id = _token_id(bpe, special.eos, folder)
+        self.pad_id = None if special.pad is None else _token_id(bpe, special.pad, folder)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token strings, added special tokens included (GPT-2 50257, OPT 50265).
+
+        The model's embedding may have more rows (OPT pads 50265 up to 50272); ids past
+        ``vocab_size`` are never produced by :meth:`encode` and :meth:`decode` rejects them.
+        """
+        return self.bpe.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with ``bos_id`` first when ``add_bos`` (OPT) and nothing else added."""
+        if not isinstance(text, str):
+            raise InputError(f"encode takes a str, got {type(text).__name__}")
+        # add_special_tokens=False: the BOS is added here, visibly, not by a post-processor
+        # hidden in tokenizer.json (which OPT files may or may not carry).
+        ids = self.bpe.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos else ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        """:meth:`encode` of each text (the BPE runs on all of them in parallel)."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"encode_batch takes strs; item {i} is a {type(text).__name__}")
+        encodings = self.bpe.encode_batch(texts, add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if self.add_bos else e.ids for e in encodings]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``; special tokens (BOS/EOS/pad) are left out unless asked for."""
+        ids = [int(i) for i in ids]  # accepts lists, NumPy arrays and NumPy integers
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            # tokenizers would silently drop them; a student should see the mistake instead.
+            raise InputError(
+                f"token ids {bad[:5]} are outside the tokenizer's vocabulary [0, {self.vocab_size})"
+            )
+        return self.bpe.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id}, add_bos={self.add_bos})")
+
+
+def load_tokenizer(folder, model_type: str) -> Tokenizer:
+    """The tokenizer of a GPT-2 ("gpt2") or OPT ("opt") checkpoint folder.
+
+    Reads ``tokenizer.json`` when present, else builds the byte-level BPE from
+    ``vocab.json`` + ``merges.txt``. ``tokenizer_config.json``, when present, may override
+    the special tokens and ``add_bos_token``.
+    """
+    if model_type not in SPECIAL_TOKENS:
+        raise ConfigError(f"unknown model_type {model_type!r}; expected one of {sorted(SPECIAL_TOKENS)}")
+    folder = Path(folder)
+    special = _read_special_tokens(folder, SPECIAL_TOKENS[model_type])
+    if (folder / "tokenizer.json").is_file():
+        bpe = _read_tokenizer_json(folder / "tokenizer.json")
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        bpe = byte_level_bpe(folder / "vocab.json", folder / "merges.txt")
+    else:
+        raise CheckpointError(
+            f"no tokenizer in {folder}: looked for tokenizer.json, or vocab.json and merges.txt"
+        )
+    # Mark the special tokens so that decode can skip them and encode matches them whole
+    # in text (HF does both). They are already in the vocabulary, so no id changes.
+    names = dict.fromkeys(t for t in (special.bos, special.eos, special.pad) if t is not None)
+    for name in names:
+        _token_id(bpe, name, folder)
+    bpe.add_special_tokens(
+        [tokenizers.AddedToken(name, special=True, normalized=False) for name in names])
+    return Tokenizer(bpe, special, folder)
+
+
+def byte_level_bpe(vocab_file, merges_file) -> tokenizers.Tokenizer:
+    """GPT-2's tokenizer from its two files: regex split, bytes -> printable chars, BPE merges.
+
+    ``add_prefix_space=False``: GPT-2 encodes "Hello" without a leading space (15496), and
+    " Hello" with one (18435). The ByteLevel pre-tokenizer's regex is GPT-2's own:
+    ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``.
+    """
+    try:
+        bpe_model = models.BPE.from_file(str(vocab_file), str(merges_file))
+    except Exception as e:  # tokenizers raises plain Exception on unreadable or malformed files
+        raise CheckpointError(f"cannot read BPE files {vocab_file} and {merges_file}: {e}") from e
+    bpe = tokenizers.Tokenizer(bpe_model)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return bpe
+
+
+def _read_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # plain Exception from tokenizers on bad JSON or unknown fields
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _read_special_tokens(folder: Path, default: SpecialTokens) -> SpecialTokens:
+    """``default`` with whatever ``tokenizer_config.json`` says about bos/eos/pad and add_bos_token."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return default
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, not {type(config).__name__}")
+
+    def token(key: str, fallback: str | None) -> str | None:
+        value = config.get(key, fallback)
+        # HF writes a token either as "</s>" or as an AddedToken dict {"content": "</s>", ...}.
+        return value.get("content") if isinstance(value, dict) else value
+
+    special = SpecialTokens(
+        bos=token("bos_token", default.bos),
+        eos=token("eos_token", default.eos),
+        pad=token("pad_token", default.pad),
+        add_bos=bool(config.get("add_bos_token", default.add_bos)),
+    )
+    if special.bos is None or special.eos is None:
+        raise CheckpointError(f"{path} sets no bos_token or eos_token; minisq needs both")
+    return special
+
+
+def _token_id(bpe: tokenizers.Tokenizer, name: str, folder: Path) -> int:
+    token_id = bpe.token_to_id(name)
+    if token_id is None:
+        raise CheckpointError(
+            f"the tokenizer in {folder} has no token {name!r}; is it the right model_type?")
+    return token_id
