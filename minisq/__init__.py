@@ -3,13 +3,24 @@
 The public API lives here; each name comes from a module that holds one concept.
 """
 
+from . import evaluate  # noqa: F401
+from .calibrate import CalibrationStats, calibrate  # noqa: F401
+from .check import check_equivalence, layer_errors, logit_error, sqnr_db  # noqa: F401
 from .config import ModelConfig  # noqa: F401
 from .errors import (  # noqa: F401
     CalibrationError, CheckpointError, ConfigError, DataError, DeviceError, InputError,
-    MinisqError, ShapeError, UnsafePickleError,
+    MinisqError, NonFiniteError, ShapeError, UnsafePickleError,
 )
 from .loading import load  # noqa: F401
 from .model import KVCache, Model  # noqa: F401
+from .evaluate import lambada_accuracy, perplexity  # noqa: F401
+from .gemm import dequant_epilogue, int8_bmm, int8_gemm, int8_gemm_reference  # noqa: F401
 from .nn import Linear  # noqa: F401
+from .qlinear import PRESETS, W8A8Linear, quantize, quantize_linear, weight_memory  # noqa: F401
+from .quant import (  # noqa: F401
+    dequantize, fake_quantize, quantize_per_channel, quantize_per_tensor, quantize_per_token,
+)
+from .smooth import SMOOTHING_TABLE, search_alpha, smooth, smoothing_factors  # noqa: F401
+from .synthetic import synthetic_model  # noqa: F401
 
 __version__ = "0.1.0"

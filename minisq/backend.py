@@ -92,3 +92,20 @@ def to_numpy(x):
     if is_gpu_array(x):
         return x.get()
     return np.asarray(x)
+
+
+def cublas_module():
+    """CuPy's thin cuBLAS binding (``cupy_backends.cuda.libs.cublas``: gemmEx, ...).
+
+    Used by the INT8 GEMM (``cublasGemmEx`` with int8 inputs), which CuPy's own matmul
+    does not offer. Raises DeviceError when no GPU is usable.
+    """
+    cupy()
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415  (CuPy stays in this module)
+
+    return cublas
+
+
+def cublas_handle() -> int:
+    """The cuBLAS handle CuPy keeps for the current device (an int pointer)."""
+    return cupy().cuda.device.get_cublas_handle()

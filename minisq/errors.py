@@ -40,3 +40,7 @@ class DeviceError(MinisqError):
 
 class DataError(MinisqError):
     """A dataset file is missing and cannot be downloaded, or is malformed."""
+
+
+class NonFiniteError(InputError):
+    """NaN or inf where finite numbers are needed: in weights, activations or logits."""

@@ -54,7 +54,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _checked_folder(folder: Path) -> Path:
     """The folder, if it holds config.json; else say what it does hold."""
-    if not (folder / "config.json").is_file():
+    if not ((folder / "config.json").is_file() or (folder / "minisq.json").is_file()):  # HF or model.save
         held = sorted(p.name for p in folder.iterdir())
         listing = ", ".join(held[:20]) + (", ..." if len(held) > 20 else "") if held else "nothing"
         raise CheckpointError(

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import check_device, to_device
 from .config import ModelConfig, read_config
-from .errors import CheckpointError, ConfigError, ShapeError
+from .errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from .model import FLOAT_DTYPES, Model
 from .nn import Linear
 
@@ -87,6 +87,11 @@ class _Taker:
         if tuple(a.shape) != stored:
             raise ShapeError(
                 f"{self.source}: tensor {key!r} has shape {tuple(a.shape)}, but config.json implies {stored}"
+            )
+        if not np.isfinite(a).all():
+            raise NonFiniteError(
+                f"{self.source}: tensor {key!r} holds {int((~np.isfinite(a)).sum())} NaN/inf values; "
+                "the checkpoint is corrupt (or was saved after a diverged training run)"
             )
         if transpose:
             a = a.T

@@ -20,24 +20,48 @@ import numpy as np
 from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, NonFiniteError
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
-@dataclasses.dataclass
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, and their padding mask.
 
-    ``layers[i] = (k, v)`` with k, v ``[B, H, S, D]``; ``mask`` is ``[B, S]`` (1 = real).
+    Layer i's keys are ``keys[i][:, :, :length]`` ``[B, H, S, D]`` (likewise values), kept
+    in buffers with room to grow, so that decoding one token appends in place instead of
+    copying the whole cache every step (which made long generations quadratic in memory
+    traffic). ``mask`` is ``[B, S]`` (1 = real). A cache is decoding state: each
+    ``forward(..., cache=cache)`` extends it and returns it.
     """
 
-    layers: list
-    mask: object
+    def __init__(self, num_layers: int, reserve: int = 0):
+        self.keys = [None] * num_layers
+        self.values = [None] * num_layers
+        self.mask = None
+        self.length = 0
+        self.reserve = reserve   # capacity to allocate at the first append (e.g. prompt + new tokens)
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def update(self, i: int, k, v):
+        # [B, H, T, D] new keys/values of layer i -> all of layer i's [B, H, S, D] (views)
+        end = self.length + k.shape[2]
+        for store in (self.keys, self.values):
+            buf = store[i]
+            if buf is None or buf.shape[2] < end:
+                xp = get_array_module(k)
+                old = 0 if buf is None else buf.shape[2]
+                grown = xp.empty(k.shape[:2] + (max(end, self.reserve, 2 * old), k.shape[3]), dtype=k.dtype)
+                if buf is not None:
+                    grown[:, :, :self.length] = buf[:, :, :self.length]
+                store[i] = grown
+        self.keys[i][:, :, self.length:end] = k
+        self.values[i][:, :, self.length:end] = v
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+
+    def advance(self, mask) -> None:
+        """Record that the new tokens are in: ``mask`` ``[B, S]`` covers all of them."""
+        self.mask = mask
+        self.length = mask.shape[1]
 
 
 def is_linear_leaf(node) -> bool:
@@ -145,11 +169,19 @@ class Model:
         # Positions count real tokens only, so left padding does not shift them.
         positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0)[:, -T:]   # [B, T]
         bias = nn.attention_bias(mask, T, self.dtype)                     # [B, 1, T, S]
-        past = cache.layers if cache is not None else [None] * self.config.num_layers
+        if cache is None and use_cache:
+            cache = KVCache(self.config.num_layers)
         forward = FORWARDS[self.config.model_type]
-        logits, present = forward(self, ids, positions, bias, past, trace if trace is not None else [])
-        new_cache = KVCache(present, mask) if (use_cache or cache is not None) else None
-        return (logits[0] if squeeze else logits), new_cache
+        logits = forward(self, ids, positions, bias, cache, trace if trace is not None else [])
+        if not bool(xp.isfinite(logits).all()):
+            raise NonFiniteError(
+                f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
+                "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "
+                "the weights and inputs"
+            )
+        if cache is not None:
+            cache.advance(mask)
+        return (logits[0] if squeeze else logits), cache
 
     def _check_inputs(self, input_ids, attention_mask, cache):
         ids = to_numpy(input_ids)
@@ -210,8 +242,10 @@ class Model:
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; this model has none, pass token ids")
             ids = np.asarray(self.tokenizer.encode(prompt_or_ids), dtype=np.int64)
+            # OPT's embedding has padding rows past the tokenizer's vocabulary: never pick them
             out = self.generate_ids(ids[None], max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, seed=seed, stop_at_eos=stop_at_eos)
+                                    top_k=top_k, seed=seed, stop_at_eos=stop_at_eos,
+                                    vocab_limit=self.tokenizer.vocab_size)
             return self.tokenizer.decode(out[0].tolist())
         ids = to_numpy(prompt_or_ids)
         squeeze = ids.ndim == 1
@@ -220,8 +254,9 @@ class Model:
         return out[0] if squeeze else out
 
     def generate_ids(self, ids, attention_mask=None, max_new_tokens: int = 20, temperature: float = 0.0,
-                     top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = False):
-        # [B, T] int, [B, T] -> [B, T + new] int (NumPy)
+                     top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = False,
+                     vocab_limit: int | None = None):
+        # [B, T] int, [B, T] -> [B, T + new] int (NumPy); only ids < vocab_limit are picked
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 1:
@@ -231,10 +266,11 @@ class Model:
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         eos = self.config.eos_token_id
         done = np.zeros(ids.shape[0], dtype=bool)
-        logits, cache = self.forward(ids, mask, use_cache=True)
+        cache = KVCache(self.config.num_layers, reserve=ids.shape[1] + max_new_tokens)
+        logits, cache = self.forward(ids, mask, cache=cache)
         out = [ids]
         for step in range(max_new_tokens):
-            nxt = _pick(to_numpy(logits[:, -1]).astype(np.float64), temperature, top_k, rng)  # [B]
+            nxt = _pick(to_numpy(logits[:, -1, :vocab_limit]).astype(np.float64), temperature, top_k, rng)  # [B]
             if stop_at_eos and eos is not None:
                 nxt = np.where(done, eos, nxt)
                 done |= nxt == eos
@@ -244,6 +280,13 @@ class Model:
             mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
             logits, cache = self.forward(nxt[:, None], mask, cache=cache)
         return np.concatenate(out, axis=1)
+
+    def save(self, folder):
+        """Write this model (float, smoothed or quantized) to ``folder``; reload it with
+        ``minisq.load(folder)``. See :mod:`minisq.export`."""
+        from .export import save_model
+
+        return save_model(self, folder)
 
     # --- conversions --------------------------------------------------------------------
     def to(self, device: str) -> "Model":
@@ -288,25 +331,22 @@ def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
 
 # --- the two families ---------------------------------------------------------------------
 
-def _self_attention(model, q, k, v, past, bias, scale):
-    # [B, T, C] x3, past (k, v) [B, H, S-T, D] or None -> [B, T, C], (k, v) [B, H, S, D]
-    xp = get_array_module(q)
+def _self_attention(model, q, k, v, cache, i, bias, scale):
+    # [B, T, C] x3 (+ layer i's cached [B, H, S-T, D] keys/values) -> [B, T, C]
     H = model.config.num_heads
     q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
-    if past is not None:
-        k = xp.concatenate([past[0], k], axis=2)
-        v = xp.concatenate([past[1], v], axis=2)
+    if cache is not None:
+        k, v = cache.update(i, k, v)                                 # [B, H, S, D]
     a = nn.attention(q, k, v, bias, scale, matmul=model.attn_matmul)
-    return nn.merge_heads(a), (k, v)
+    return nn.merge_heads(a)
 
 
-def _gpt2_forward(model, ids, positions, bias, past, trace):
-    # [B, T] ids, [B, T] positions -> [B, T, V] logits, per-layer (k, v)
+def _gpt2_forward(model, ids, positions, bias, cache, trace):
+    # [B, T] ids, [B, T] positions -> [B, T, V] logits (cache extended in place)
     cfg, p = model.config, model.params
     act = nn.ACTIVATION_FNS[cfg.activation]
     x = p["wte"][ids] + p["wpe"][positions]                          # [B, T, C]
     trace.append(("embeddings", x))
-    present = []
     for i, layer in enumerate(p["h"]):
         scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -314,18 +354,17 @@ def _gpt2_forward(model, ids, positions, bias, past, trace):
         h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
         qkv = layer["attn"]["c_attn"](h)                             # [B, T, 3C]
         q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
-        a, kv = _self_attention(model, q, k, v, past[i], bias, scale)
-        present.append(kv)
+        a = _self_attention(model, q, k, v, cache, i, bias, scale)
         x = x + layer["attn"]["c_proj"](a)
         h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
         x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h)))  # [B, T, F] inside
         trace.append((f"h.{i}", x))
     x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
-    return p["lm_head"](x), present                                   # [B, T, V]
+    return p["lm_head"](x)                                            # [B, T, V]
 
 
-def _opt_forward(model, ids, positions, bias, past, trace):
-    # [B, T] ids, [B, T] positions -> [B, T, V] logits, per-layer (k, v)
+def _opt_forward(model, ids, positions, bias, cache, trace):
+    # [B, T] ids, [B, T] positions -> [B, T, V] logits (cache extended in place)
     cfg, p = model.config, model.params
     act = nn.ACTIVATION_FNS[cfg.activation]
     eps = cfg.layer_norm_eps
@@ -335,13 +374,11 @@ def _opt_forward(model, ids, positions, bias, past, trace):
     x = x + p["embed_positions"][positions + cfg.position_offset]
     trace.append(("embeddings", x))
     pre = cfg.do_layer_norm_before
-    present = []
     for i, layer in enumerate(p["layers"]):
         attn = layer["self_attn"]
         h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
-        a, kv = _self_attention(model, attn["q_proj"](h), attn["k_proj"](h), attn["v_proj"](h),
-                                past[i], bias, cfg.head_dim ** -0.5)
-        present.append(kv)
+        a = _self_attention(model, attn["q_proj"](h), attn["k_proj"](h), attn["v_proj"](h),
+                            cache, i, bias, cfg.head_dim ** -0.5)
         x = x + attn["out_proj"](a)
         if not pre:  # post-LN (opt-350m): normalize after the residual add
             x = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
@@ -354,7 +391,7 @@ def _opt_forward(model, ids, positions, bias, past, trace):
         x = nn.layer_norm(x, **p["final_layer_norm"], eps=eps)
     if p["project_out"] is not None:
         x = p["project_out"](x)                                       # [B, T, E]
-    return p["lm_head"](x), present                                   # [B, T, V]
+    return p["lm_head"](x)                                            # [B, T, V]
 
 
 FORWARDS = {"gpt2": _gpt2_forward, "opt": _opt_forward}

@@ -47,10 +47,12 @@ class Linear:
 
 def linear(x, w, b=None):
     # [..., C_in], [C_in, C_out], [C_out] -> [..., C_out]
-    y = x @ w
+    # One 2-D matmul over all tokens: NumPy would treat [B, T, C_in] @ w as B separate
+    # products, each streaming all of w from memory (B times the traffic when decoding).
+    y = x.reshape(-1, x.shape[-1]) @ w
     if b is not None:
         y += b  # y is a fresh array: adding in place saves a pass over memory
-    return y
+    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 def layer_norm(x, g=None, b=None, eps: float = 1e-5):

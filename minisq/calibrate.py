@@ -1,0 +1,192 @@
+"""Calibration: run the float model over sample text and record what flows into every linear.
+
+Legend: N calibration tokens (all sequences together), C_in a linear's input width.
+
+For every linear leaf ``name`` the statistics hold
+
+* ``channel_absmax[name]`` ``[C_in]``: max over the N tokens of |x[:, k]| — the per-channel
+  activation range ``max|X_j|`` in SmoothQuant's ``s_j = max|X_j|^α / max|W_j|^(1-α)``;
+* ``input_absmax[name]`` and ``output_absmax[name]``: per-tensor max |x| and max |y|, for
+  static (O3) activation scales ``Δ = max|x| / 127``;
+* optionally the first ``keep_samples`` input rows ``[n, C_in]``, for the α search and the
+  per-layer quantization diagnostics.
+
+Calibration *wraps* the linear leaves with an observer (:class:`Observed`) instead of
+hooking into the forward pass, so it works unchanged for every architecture. The paper
+calibrates on 512 random sentences of the Pile validation set; minisq defaults to
+WikiText-2 text, since any real English text serves to find activation ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import CalibrationError
+
+_FORMAT = "minisq-calibration-v1"
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Per-linear activation ranges of one model (see the module docstring)."""
+
+    channel_absmax: dict           # name -> [C_in] float64
+    input_absmax: dict             # name -> float
+    output_absmax: dict            # name -> float
+    samples: dict                  # name -> [n, C_in] float32 (may be empty)
+    n_tokens: int
+    signature: dict                # name -> [C_in, C_out]; plus "model_type"
+
+    def input_absmax_of(self, name: str) -> float:
+        return self.input_absmax[name]
+
+    def check_matches(self, model) -> None:
+        """Raise CalibrationError unless these stats were taken on a model of this shape."""
+        theirs = signature(model)
+        if theirs != self.signature:
+            missing = sorted(set(theirs) - set(self.signature))
+            differ = sorted(k for k in set(theirs) & set(self.signature) if theirs[k] != self.signature[k])
+            detail = (f"layers without stats: {missing[:3]}" if missing else
+                      f"layer {differ[0]!r} is {theirs[differ[0]]} in the model but {self.signature[differ[0]]} "
+                      f"in the stats" if differ else "the stats have layers the model lacks")
+            raise CalibrationError(
+                f"these calibration stats come from another model ({detail}); "
+                "run minisq.calibrate on this model"
+            )
+
+    def save(self, path) -> Path:
+        """Write the stats to an ``.npz`` file."""
+        path = Path(path)
+        arrays = {f"channel/{k}": v for k, v in self.channel_absmax.items()}
+        arrays.update({f"sample/{k}": v for k, v in self.samples.items()})
+        meta = dict(format=_FORMAT, input_absmax=self.input_absmax, output_absmax=self.output_absmax,
+                    n_tokens=self.n_tokens, signature=self.signature)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path, model=None) -> "CalibrationStats":
+        """Read stats written by :meth:`save`; with ``model``, check they belong to it."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                channel = {k[len("channel/"):]: z[k] for k in z.files if k.startswith("channel/")}
+                samples = {k[len("sample/"):]: z[k] for k in z.files if k.startswith("sample/")}
+        except FileNotFoundError:
+            raise CalibrationError(f"calibration file {path} not found") from None
+        except Exception as exc:  # zip, JSON, key errors: a damaged or foreign file
+            raise CalibrationError(f"{path} is not a minisq calibration file ({type(exc).__name__}: {exc})") from None
+        if meta.get("format") != _FORMAT:
+            raise CalibrationError(f"{path} is not a minisq calibration file (format {meta.get('format')!r})")
+        signature_ = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["signature"].items()}
+        stats = cls(channel, meta["input_absmax"], meta["output_absmax"], samples, meta["n_tokens"], signature_)
+        if model is not None:
+            stats.check_matches(model)
+        return stats
+
+
+def signature(model) -> dict:
+    """What calibration stats must match: the model type and every linear's shape."""
+    sig = {name: (leaf.in_features, leaf.out_features) for name, leaf in model.linears().items()}
+    sig["model_type"] = model.config.model_type
+    return sig
+
+
+class _Recorder:
+    """Accumulates the statistics of every observed leaf."""
+
+    def __init__(self, keep_samples: int):
+        self.keep = keep_samples
+        self.channel, self.inp, self.out, self.samples = {}, {}, {}, {}
+
+    def record(self, name: str, x, y) -> None:
+        # [..., C_in], [..., C_out] (NumPy or CuPy) -> updated running maxima
+        x2 = to_numpy(x).reshape(-1, x.shape[-1])
+        if not np.isfinite(x2).all():
+            raise CalibrationError(
+                f"non-finite activations (NaN/inf) flow into layer {name!r}: the model or its inputs "
+                "overflow (e.g. float16); calibrate in float32"
+            )
+        ax = np.abs(x2).max(axis=0).astype(np.float64)                  # [C_in]
+        ay = float(np.abs(to_numpy(y)).max())
+        prev = self.channel.get(name)
+        self.channel[name] = ax if prev is None else np.maximum(prev, ax)
+        self.inp[name] = max(self.inp.get(name, 0.0), float(ax.max()))
+        self.out[name] = max(self.out.get(name, 0.0), ay)
+        if self.keep:
+            have = self.samples.get(name)
+            n = 0 if have is None else have.shape[0]
+            if n < self.keep:
+                take = x2[: self.keep - n].astype(np.float32)
+                self.samples[name] = take if have is None else np.concatenate([have, take])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Observed:
+    """A linear leaf wrapped to record its input/output ranges; computes exactly as ``leaf``."""
+
+    leaf: object
+    name: str
+    recorder: _Recorder
+
+    in_features = property(lambda self: self.leaf.in_features)
+    out_features = property(lambda self: self.leaf.out_features)
+
+    def __call__(self, x):
+        y = self.leaf(x)
+        self.recorder.record(self.name, x, y)
+        return y
+
+
+def _as_sequences(model, batches) -> list:
+    # text or ids -> list of int arrays [B, T] (equal lengths inside one array: no padding)
+    if isinstance(batches, (str, np.ndarray)):
+        batches = [batches]
+    seqs = []
+    for item in batches:
+        if isinstance(item, str):
+            if model.tokenizer is None:
+                raise CalibrationError("text calibration batches need the model's tokenizer; pass token ids")
+            ids = np.asarray(model.tokenizer.encode(item), dtype=np.int64)[: model.config.max_positions]
+        else:
+            ids = np.asarray(to_numpy(item))
+        if ids.size == 0:
+            continue
+        seqs.append(ids[None] if ids.ndim == 1 else ids)
+    if not seqs:
+        raise CalibrationError("the calibration set is empty: pass at least one non-empty text or id array")
+    return seqs
+
+
+def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> CalibrationStats:
+    """Run ``model`` over ``batches`` (texts, or id arrays ``[T]``/``[B, T]``) and return the
+    activation ranges of every linear layer's input (and output).
+
+    Each batch runs on its own, unpadded, so padding never enters the statistics.
+    ``keep_samples`` > 0 also keeps that many input rows per layer.
+    """
+    seqs = _as_sequences(model, batches)
+    recorder = _Recorder(keep_samples)
+    observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
+    n_tokens = 0
+    for ids in _progress(seqs, progress, "calibrating"):
+        observed(ids)
+        n_tokens += ids.size
+    return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
+                            n_tokens, signature(model))
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=None)  # disable=None: no bar when not a terminal

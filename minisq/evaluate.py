@@ -1,0 +1,146 @@
+"""Evaluation: WikiText-2 perplexity and LAMBADA last-word accuracy, for any model variant.
+
+Legend: W windows, L window length (tokens), V vocab.
+
+Perplexity follows the protocol of SmoothQuant's and GPTQ's evaluation scripts: the test
+rows joined with "\\n\\n" are tokenized once, cut into non-overlapping windows of the
+model's context length, and ``ppl = exp(mean NLL)`` over every predicted token (each
+window predicts its tokens 2..L from the ones before). A ``stride`` below the window
+length gives the sliding-window variant of the HF docs: windows overlap and only the
+tokens past the previous window are scored, each with up to L - 1 tokens of context.
+
+LAMBADA accuracy (as in the GPT-2 paper and lm-eval's ``lambada_openai``): a passage
+counts when greedy decoding predicts *every* token of its last word.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import InputError
+
+
+def _log_softmax_at(logits, targets) -> np.ndarray:
+    # [N, V] float, [N] int -> [N] float64: log p(target)
+    z = np.asarray(to_numpy(logits), dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    return z[np.arange(len(targets)), targets] - lse
+
+
+def _token_ids(model, text_or_ids) -> np.ndarray:
+    if isinstance(text_or_ids, str):
+        if model.tokenizer is None:
+            raise InputError("evaluating text needs the model's tokenizer; pass token ids instead")
+        return np.asarray(model.tokenizer.encode(text_or_ids), dtype=np.int64)
+    ids = np.asarray(to_numpy(text_or_ids))
+    if ids.ndim != 1:
+        raise InputError(f"perplexity takes one token stream [N], got shape {ids.shape}")
+    return ids.astype(np.int64)
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> list:
+    """``(begin, end, n_scored)`` of every window: the last ``n_scored`` tokens of
+    ``[begin, end)`` are scored (all but the first in the first window)."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seq_len, n_tokens)
+        if stride == seq_len and end - begin < seq_len:
+            break  # the protocol drops the last partial window
+        n_scored = end - max(prev_end, begin + 1)
+        out.append((begin, end, n_scored))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def perplexity(model, text, seq_len: int | None = None, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 1, progress: bool = True) -> float:
+    """``exp(mean NLL)`` of ``text`` (a string, tokenized once, or a token id stream [N]).
+
+    ``seq_len`` defaults to the model's context; ``stride`` to ``seq_len`` (non-overlapping
+    windows); ``max_tokens`` keeps only the first tokens (for quick runs).
+    """
+    ids = _token_ids(model, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    L = seq_len or model.config.max_positions
+    stride = stride or L
+    if not 0 < stride <= L or L > model.config.max_positions:
+        raise InputError(f"need 0 < stride ({stride}) <= seq_len ({L}) <= context ({model.config.max_positions})")
+    if len(ids) < 2 or (stride == L and len(ids) < L):
+        raise InputError(f"{len(ids)} tokens are too few for one window of {L}; lower seq_len")
+    spans = windows(len(ids), L, stride)
+    nll, count = 0.0, 0
+    for group in _batches(spans, batch_size if stride == L else 1, progress, "perplexity"):
+        batch = np.stack([ids[b:e] for b, e, _ in group])                # [W, L]
+        logits = model(batch)                                              # [W, L, V]
+        for row, (b, e, n) in enumerate(group):
+            pred = logits[row, e - b - n - 1: e - b - 1]                   # predicts the last n tokens
+            nll -= float(_log_softmax_at(pred, batch[row, e - b - n:]).sum())
+            count += n
+    return math.exp(nll / count)
+
+
+def _batches(items, size: int, progress: bool, desc: str):
+    groups = [items[i:i + size] for i in range(0, len(items), size)]
+    if not progress:
+        return groups
+    from tqdm.auto import tqdm
+
+    return tqdm(groups, desc=desc, unit="batch", leave=False, disable=None)  # disable=None: no bar when not a terminal
+
+
+def lambada_pairs(model, passages) -> list:
+    """``(context ids, target ids)`` per passage; the target is the last space-separated
+    word, encoded with its leading space (no BOS)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise InputError("LAMBADA on text needs the model's tokenizer")
+    pairs = []
+    for p in passages:
+        if " " not in p.strip():
+            raise InputError(f"LAMBADA passage has no last word to predict: {p[:60]!r}")
+        context, target = p.rsplit(" ", 1)
+        tgt = tok.encode(" " + target)
+        pairs.append((np.asarray(tok.encode(context)), np.asarray(tgt[1:] if tok.add_bos else tgt)))
+    return pairs
+
+
+def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True) -> np.ndarray:
+    """For ``(context ids, target ids)`` pairs: does greedy decoding give every target token?
+
+    One forward per batch on ``context + target[:-1]`` (teacher forcing): the argmax at each
+    target position must equal that target token. Right padding keeps positions intact.
+    """
+    correct = np.zeros(len(pairs), dtype=bool)
+    P = model.config.max_positions
+    order = list(range(len(pairs)))
+    for group in _batches(order, batch_size, progress, "lambada"):
+        seqs = []
+        for i in group:
+            ctx, tgt = pairs[i]
+            seq = np.concatenate([ctx, tgt[:-1]])[-P:]
+            seqs.append((seq, len(tgt)))
+        T = max(len(s) for s, _ in seqs)
+        ids = np.zeros((len(seqs), T), np.int64)
+        mask = np.zeros((len(seqs), T), np.int64)
+        for row, (s, _) in enumerate(seqs):
+            ids[row, :len(s)], mask[row, :len(s)] = s, 1
+        pred = to_numpy(model(ids, mask)).argmax(axis=-1)                   # [B, T]
+        for row, i in enumerate(group):
+            s, n = seqs[row]
+            correct[i] = bool((pred[row, len(s) - n: len(s)] == pairs[i][1]).all())
+    return correct
+
+
+def lambada_accuracy(model, passages, n: int | None = None, batch_size: int = 8, progress: bool = True) -> float:
+    """Fraction of LAMBADA passages (texts) whose last word greedy decoding gets exactly right."""
+    passages = list(passages)[:n] if n else list(passages)
+    if not passages:
+        raise InputError("no LAMBADA passages to evaluate")
+    return float(last_word_correct(model, lambada_pairs(model, passages), batch_size, progress).mean())

@@ -1,0 +1,151 @@
+"""Save and reload smoothed and quantized models: safetensors for the arrays, JSON for the rest.
+
+A saved folder holds
+
+* ``model.safetensors``: every array of the parameter tree under its dotted name —
+  float weights, LayerNorm gains, and for W8A8 leaves the int8 weights (``.w_q``), their
+  scales (``.w_scale``), biases and static activation scales (``.x_scale``);
+* ``minisq.json``: what it is — the config, the tree's skeleton (which leaf is float and
+  which W8A8, with its activation granularity and path), the preset and α used, and the
+  smoothing factors' tensor names;
+* ``tokenizer.json`` when the model has a tokenizer.
+
+The float weights are not needed to reload a quantized model, and a reloaded model gives
+bit-identical logits. ``minisq.load(folder)`` recognizes such a folder by its minisq.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import Model, is_linear_leaf
+from .nn import Linear
+from .qlinear import Int8BMM, W8A8Linear
+
+FORMAT = "minisq-model-v1"
+LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear}
+
+
+def _encode(node, name: str, tensors: dict, embedding=None):
+    """The JSON skeleton of a tree; arrays go into ``tensors`` under their dotted name."""
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, dict):
+        return {"dict": {k: _encode(v, f"{name}.{k}" if name else k, tensors, embedding) for k, v in node.items()}}
+    if isinstance(node, (list, tuple)):
+        return {"list": [_encode(v, f"{name}.{i}", tensors, embedding) for i, v in enumerate(node)]}
+    if hasattr(node, "shape") and hasattr(node, "dtype"):
+        arr = np.ascontiguousarray(to_numpy(node))
+        if embedding is not None and node is not embedding and _is_transpose_of(node, embedding):
+            return {"transpose_of": _name_of(tensors, embedding)}   # the tied lm_head: not stored twice
+        tensors[name] = arr
+        return {"tensor": name}
+    if is_linear_leaf(node) and type(node).__name__ in LEAF_TYPES:
+        fields = {f.name: _encode(getattr(node, f.name), f"{name}.{f.name}", tensors, embedding)
+                  for f in dataclasses.fields(node)}
+        return {"leaf": type(node).__name__, "fields": fields}
+    raise ConfigError(f"cannot save {name!r}: a {type(node).__name__} (save the model itself, not a "
+                      "calibration wrapper)")
+
+
+def _is_transpose_of(a, b) -> bool:
+    return a.ndim == 2 and a.shape == b.shape[::-1] and a.base is not None and np.shares_memory(a, b)
+
+
+def _name_of(tensors: dict, array) -> str:
+    for k, v in tensors.items():
+        if v is array or np.shares_memory(v, array):
+            return k
+    raise ConfigError("internal: tied tensor saved before its source")
+
+
+def _decode(node, tensors: dict, source: str):
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if "dict" in node:
+        return {k: _decode(v, tensors, source) for k, v in node["dict"].items()}
+    if "list" in node:
+        return [_decode(v, tensors, source) for v in node["list"]]
+    if "tensor" in node:
+        if node["tensor"] not in tensors:
+            raise CheckpointError(f"{source}: tensor {node['tensor']!r} is missing from model.safetensors")
+        return tensors[node["tensor"]]
+    if "transpose_of" in node:
+        return tensors[node["transpose_of"]].T
+    if "leaf" in node:
+        cls = LEAF_TYPES.get(node["leaf"])
+        if cls is None:
+            raise CheckpointError(f"{source}: unknown leaf type {node['leaf']!r}")
+        return cls(**{k: _decode(v, tensors, source) for k, v in node["fields"].items()})
+    raise CheckpointError(f"{source}: unreadable entry {str(node)[:80]}")
+
+
+def save_model(model: Model, folder) -> Path:
+    """Write ``model`` (float, smoothed or quantized) to ``folder``; returns the folder."""
+    from safetensors.numpy import save_file
+
+    if model.device != "cpu":
+        model = model.to("cpu")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict = {}
+    embedding = model._embedding()
+    # the embedding first, so that the tied lm_head can refer to it
+    params = {"wte" if "wte" in model.params else "embed_tokens": embedding,
+              **{k: v for k, v in model.params.items() if v is not embedding}}
+    skeleton = _encode(params, "", tensors, embedding)
+    info = _encode(model.info, "info", tensors)
+    attn = None
+    if model.attn_matmul is not None:
+        if not isinstance(model.attn_matmul, Int8BMM):
+            raise ConfigError(f"cannot save a custom attention matmul {model.attn_matmul!r}")
+        attn = {"Int8BMM": {"path": model.attn_matmul.path}}
+    meta = dict(format=FORMAT, config=model.config.to_dict(), params=skeleton, info=info, attn_matmul=attn,
+                tokenizer=model.tokenizer is not None)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    (folder / "minisq.json").write_text(json.dumps(meta, indent=1))
+    if model.tokenizer is not None:
+        model.tokenizer.bpe.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def load_saved(folder, device: str = "cpu") -> Model:
+    """Read a folder written by :func:`save_model` (``minisq.load`` calls this)."""
+    from .checkpoint import read_safetensors
+
+    folder = Path(folder)
+    path = folder / "minisq.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); the saved model looks corrupt, save it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    tensors = read_safetensors(folder / "model.safetensors")
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        params = _decode(meta["params"], tensors, str(folder))
+        info = _decode(meta["info"], tensors, str(folder))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is malformed ({type(exc).__name__}: {exc}); save the model again") from None
+    attn = meta.get("attn_matmul")
+    attn_matmul = Int8BMM(**attn["Int8BMM"]) if attn else None
+    tokenizer = None
+    if meta.get("tokenizer"):
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(folder, config.model_type)
+    model = Model(config, params, tokenizer=tokenizer, info=info, attn_matmul=attn_matmul)
+    return model.to(device) if device != "cpu" else model
+
+
+def folder_bytes(folder) -> int:
+    """Total size of the files in a folder (for reporting checkpoint sizes)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+

@@ -1,0 +1,231 @@
+"""Symmetric absmax INT8 quantizers: float arrays in, real int8 arrays and their scales out.
+
+Legend: T tokens, C_in input channels, C_out output channels (weights are stored
+``[C_in, C_out]`` so that ``y = x @ w``); ``...`` any leading axes.
+
+SmoothQuant (Xiao et al. 2022, Sec. 2 "Preliminaries", Eq. 1) quantizes with one scale
+per group of values:
+
+    Δ = max|X| / (2^(N-1) - 1) = max|X| / 127,      X̄ = clip(round(X / Δ), -127, 127)
+
+and the group is the whole tensor (per-tensor), one row of activations (per-token) or one
+output channel of the weights (per-channel) (Sec. 2, Fig. 3). The range is the symmetric
+[-127, 127]; -128 is never produced, so negation never overflows.
+
+Conventions here, the same for every function:
+
+* The integers are real: ``quantize_*`` gives back ``(q, scale)`` with ``q`` an int8 array
+  of x's shape, and ``fake_quantize`` is literally ``dequantize(*quantize_*(x))``.
+* ``scale`` has x's float dtype (float32 or float64); a float16 x is computed in float32
+  (the scale, the division and the fake-quantized result are float32).
+* Rounding is round-half-to-even (``rint``), the division is ``x / scale`` in the scale's
+  dtype, and ``clip`` keeps [-127, 127].
+* Dynamic scales (``scale=None``) are ``max|x| / 127`` per group. **Zero-range guard:**
+  where that quotient is below the smallest normal float ``tiny`` (an all-zero group, or
+  one so tiny that ``max|x| / 127`` would underflow into subnormals), the scale is 1: every
+  q in that group is then 0 and dequantizing gives exact zeros, an error of at most
+  ``max|x| < 127 * tiny`` (1.5e-36 in float32). No NaN is ever produced, and every scale
+  is a normal float, which keeps ``q * scale`` accurate to one rounding.
+* Static scales (``scale=`` given, e.g. from calibration) are cast to x's compute dtype and
+  must be finite and > 0; values of x beyond ±127·scale clip to ±127.
+* Inputs must be finite floats: NaN/inf raise :class:`InputError`, integer arrays raise
+  :class:`ShapeError` (they are already quantized, or are token ids). Nothing is modified
+  in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_array_module
+from .errors import ConfigError, DeviceError, InputError, ShapeError
+
+QMAX = 127  # 2^(8-1) - 1: the symmetric int8 range is [-QMAX, QMAX]
+
+
+# ----------------------------------------------------------------------------------------
+# checks shared by the quantizers
+
+
+def _float_input(x, name: str = "x"):
+    """(xp, x as an array of its float compute dtype); float16 is widened to float32."""
+    xp = get_array_module(x)
+    x = xp.asarray(x)
+    if x.dtype.kind != "f":
+        raise ShapeError(
+            f"{name} has dtype {x.dtype}, but only float arrays can be quantized: an integer "
+            f"array is already quantized (or holds token ids); pass the float values instead"
+        )
+    if x.dtype == xp.float16:
+        x = x.astype(xp.float32)  # float16 has too little range/precision for x / scale
+    return xp, x
+
+
+def _check_finite(xp, x, name: str = "x") -> None:
+    bad = int(xp.count_nonzero(~xp.isfinite(x)))
+    if bad:
+        raise InputError(
+            f"{name} has {bad} NaN/inf value(s) out of {x.size}: quantization needs finite "
+            f"inputs (a NaN would poison its whole scale group); find where they come from "
+            f"(a float16 overflow? a division by zero?) and fix or mask them first"
+        )
+
+
+def _static_scale(xp, scale, dtype, shape: tuple, also: tuple = ()):
+    """A user-given scale as an xp array of ``dtype`` and exactly ``shape``, validated.
+
+    ``also`` lists other accepted shapes with the same number of elements (e.g. ``[C_out]``
+    for ``[1, C_out]``); they are reshaped to ``shape``.
+    """
+    if xp is np and get_array_module(scale) is not np:
+        raise DeviceError(
+            "scale is a CuPy (GPU) array but x is a NumPy (CPU) one: move both to one device "
+            "with minisq.backend.to_device"
+        )
+    s = xp.asarray(scale)
+    if s.dtype.kind not in "fiu":
+        raise ShapeError(f"scale has dtype {s.dtype}; it must be a positive float")
+    if s.shape != shape:
+        if s.shape not in also:
+            raise ShapeError(
+                f"static scale has shape {s.shape}, expected {shape}"
+                + (f" (or {', '.join(map(str, also))})" if also else "")
+            )
+        s = s.reshape(shape)
+    s = s.astype(dtype)  # cast first, so an underflow to 0 or overflow to inf is caught below
+    bad = int(xp.count_nonzero(~(xp.isfinite(s) & (s > 0))))
+    if bad:
+        raise InputError(
+            f"scale has {bad} value(s) out of {s.size} that are not finite positive "
+            f"{np.dtype(dtype).name} numbers (zero, negative, NaN, inf, or lost in the cast): a "
+            f"static scale must be > 0 and finite; recalibrate, or pass scale=None for a "
+            f"dynamic scale"
+        )
+    return s
+
+
+def _dynamic_scale(xp, absmax):
+    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal."""
+    # [...] float -> [...] float (same dtype)
+    s = absmax / QMAX
+    return xp.where(s < xp.finfo(s.dtype).tiny, xp.ones_like(s), s)
+
+
+def _quantize(xp, x, scale):
+    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x."""
+    # [...] float, broadcastable float -> [...] int8
+    return xp.clip(xp.rint(x / scale), -QMAX, QMAX).astype(xp.int8)
+
+
+# ----------------------------------------------------------------------------------------
+# the three granularities (paper Sec. 2, Fig. 3)
+
+
+def quantize_per_tensor(x, scale=None):
+    """One scale for the whole tensor: ``Δ = max|x| / 127``, ``q = clip(round(x / Δ))``.
+
+    Paper Sec. 2 (Eq. 1), "per-tensor" in Fig. 3. SmoothQuant's O1–O3 settings quantize
+    weights this way, and O2/O3 activations too (dynamic / static scale; our reading of
+    the paper's table of settings). ``scale``: None (dynamic) or a static scale of size 1.
+    """
+    # [...] float -> [...] int8, [] float
+    xp, x = _float_input(x)
+    if x.size == 0:
+        raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
+    _check_finite(xp, x)
+    if scale is None:
+        s = _dynamic_scale(xp, xp.asarray(xp.max(xp.abs(x))))
+    else:
+        s = _static_scale(xp, scale, x.dtype, (), also=((1,), (1, 1)))
+    return _quantize(xp, x, s), xp.asarray(s)
+
+
+def quantize_per_token(x, scale=None):
+    """One scale per token (row): ``Δ[t] = max_c |x[t, c]| / 127``.
+
+    Paper Sec. 2, "per-token" in Fig. 3 (dynamic per-token activation quantization, as in
+    ZeroQuant and LLM.int8()). The last axis is reduced with keepdims, so the scale is
+    ``[..., 1]`` and ``q * scale`` broadcasts. ``scale``: None (dynamic) or a static
+    ``[..., 1]`` (or ``[...]``) array.
+    """
+    # [..., C] float -> [..., C] int8, [..., 1] float
+    xp, x = _float_input(x)
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
+    _check_finite(xp, x)
+    if scale is None:
+        s = _dynamic_scale(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
+    else:
+        s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
+    return _quantize(xp, x, s), s
+
+
+def quantize_per_channel(w, scale=None):
+    """One scale per output channel of a ``[C_in, C_out]`` weight: ``Δ[j] = max_k |w[k, j]| / 127``.
+
+    Paper Sec. 2, "per-channel" in Fig. 3: the weight's output channels are its columns here
+    (``y = x @ w``), so axis 0 is reduced and the scale is ``[1, C_out]``. Per-channel
+    weight scales factor out of the GEMM (each column of y has one Δw), which is why they
+    keep the INT8 GEMM possible. ``scale``: None (dynamic) or static ``[1, C_out]``/``[C_out]``.
+    """
+    # [C_in, C_out] float -> [C_in, C_out] int8, [1, C_out] float
+    xp, w = _float_input(w, "w")
+    if w.ndim != 2 or w.shape[0] == 0:
+        raise ShapeError(
+            f"w has shape {w.shape}: per-channel quantization takes a non-empty 2-D weight "
+            f"[C_in, C_out] (stored so that y = x @ w)"
+        )
+    _check_finite(xp, w, "w")
+    if scale is None:
+        s = _dynamic_scale(xp, xp.max(xp.abs(w), axis=0, keepdims=True))
+    else:
+        s = _static_scale(xp, scale, w.dtype, (1, w.shape[1]), also=((w.shape[1],),))
+    return _quantize(xp, w, s), s
+
+
+def dequantize(q, scale, dtype=None):
+    """Back to floats: ``x̂ = q · Δ``, computed in ``dtype`` (default: the scale's dtype).
+
+    Both factors are cast to ``dtype`` first and multiplied once, so the result is the
+    correctly rounded product (exact in float64 for float32 scales: 8 + 24 bits < 53).
+    """
+    # [...] int, broadcastable float -> [...] float
+    xp = get_array_module(q)
+    q = xp.asarray(q)
+    scale = xp.asarray(scale)
+    if q.dtype.kind not in "iu":
+        raise ShapeError(f"q has dtype {q.dtype}: dequantize takes the integer array that quantize gave")
+    if scale.dtype.kind != "f":
+        raise ShapeError(f"scale has dtype {scale.dtype}: a scale is a float array")
+    dtype = scale.dtype if dtype is None else np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ShapeError(f"dtype {dtype} is not a float dtype")
+    try:
+        shape = np.broadcast_shapes(q.shape, scale.shape)
+    except ValueError:
+        shape = None
+    if shape != q.shape:
+        raise ShapeError(f"scale of shape {scale.shape} does not broadcast to q's shape {q.shape}")
+    return q.astype(dtype) * scale.astype(dtype)
+
+
+# The granularity names, as data: what a config string means.
+QUANTIZERS = {
+    "per_tensor": quantize_per_tensor,
+    "per_token": quantize_per_token,
+    "per_channel": quantize_per_channel,
+}
+
+
+def fake_quantize(x, granularity: str = "per_tensor", scale=None):
+    """Simulated quantization: literally ``dequantize(*quantize_<granularity>(x, scale))``.
+
+    Gives floats that lie exactly on the int8 grid; the INT8 GEMM path reproduces
+    ``fake(x) @ fake(w)`` (see :mod:`minisq.gemm`). Returns the scale's dtype (float32 for
+    float16 input). Re-quantizing the result is a no-op: ``fake(fake(x)) == fake(x)``
+    bit for bit (the tests say why).
+    """
+    # [...] float -> [...] float
+    if granularity not in QUANTIZERS:
+        raise ConfigError(f"unknown granularity {granularity!r}: use one of {sorted(QUANTIZERS)}")
+    return dequantize(*QUANTIZERS[granularity](x, scale))

@@ -1,0 +1,262 @@
+"""Smoothing: migrate activation outliers into the weights (SmoothQuant Section 4, Eq. 3-4).
+
+Legend: C_in the input width of the smoothed linears, one factor s_j per input channel j.
+
+    Y = (X diag(s)^-1) (diag(s) W),     s_j = max|X_j|^α / max|W_j|^(1-α)
+
+The division of X by s is never a separate operation: it is folded into whatever produces
+X (a LayerNorm's gain and bias, or the output columns of the linear before), and the
+multiplication goes into the rows of the linears that consume X. Both are exact in real
+arithmetic, so in float64 the smoothed model computes the same function to ~1e-15.
+
+What may be folded into what is data — :data:`SMOOTHING_TABLE` — so a reader sees it at a
+glance. ``{i}`` is the layer index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+from .errors import CalibrationError, ConfigError
+from .nn import Linear
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """Divide the output of ``source`` by s and multiply the rows of ``targets`` by s.
+
+    ``kind`` says what the source is: a "layernorm" (its gain and bias are divided) or a
+    "linear" (its weight columns and bias are divided).
+    """
+
+    group: str        # a short name users select mappings by
+    source: str
+    kind: str
+    targets: tuple
+    why: str
+
+
+SMOOTHING_TABLE = {
+    "gpt2": (
+        Mapping("ln_qkv", "h.{i}.ln_1", "layernorm", ("h.{i}.attn.c_attn",),
+                "ln_1 feeds only the fused q,k,v projection: one s for all three"),
+        Mapping("ln_fc1", "h.{i}.ln_2", "layernorm", ("h.{i}.mlp.c_fc",),
+                "ln_2 feeds only the MLP's first linear"),
+    ),
+    "opt": (
+        Mapping("ln_qkv", "layers.{i}.self_attn_layer_norm", "layernorm",
+                ("layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"),
+                "self_attn_layer_norm feeds q, k and v: one s shared by the three"),
+        Mapping("ln_fc1", "layers.{i}.final_layer_norm", "layernorm", ("layers.{i}.fc1",),
+                "final_layer_norm feeds only fc1"),
+        Mapping("fc1_fc2", "layers.{i}.fc1", "linear", ("layers.{i}.fc2",),
+                "ReLU(x/s) = ReLU(x)/s for s > 0, so fc1's outputs can carry 1/s through the ReLU"),
+        Mapping("v_out", "layers.{i}.self_attn.v_proj", "linear", ("layers.{i}.self_attn.out_proj",),
+                "attention averages v over tokens with weights p: Σ p·(v_j/s_j) = (Σ p·v_j)/s_j per channel"),
+    ),
+}
+
+# Places one might try to smooth that are NOT equivalences, and why.
+NOT_FOLDABLE = {
+    "gpt2": {
+        "h.{i}.mlp.c_fc -> h.{i}.mlp.c_proj": "GELU(x/s) != GELU(x)/s: GELU is not positively homogeneous",
+    },
+    "opt": {
+        "post-LN LayerNorms (do_layer_norm_before=False, opt-350m)":
+            "the LayerNorm's output is also the residual stream, so dividing it by s changes every later layer",
+    },
+}
+
+DEFAULT_GROUPS = ("ln_qkv", "ln_fc1")  # what the official SmoothQuant code smooths
+
+
+def smoothing_factors(act_max, w_max, alpha: float):
+    """``s_j = max|X_j|^α / max|W_j|^(1-α)`` for one group of smoothed linears (Eq. 4).
+
+    ``act_max`` ``[C_in]`` per-channel activation range, ``w_max`` ``[C_in]`` per-input-channel
+    weight range (max over all output columns of all targets). As in the paper's code, the
+    weight range is clamped to ≥ 1e-5 and s to ≥ 1e-5; channels whose activation range is 0
+    get s = 1 (nothing to migrate, and 0^α would zero out the channel).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    xp = get_array_module(act_max)
+    a = xp.asarray(act_max, dtype=xp.float64)
+    w = xp.maximum(xp.asarray(w_max, dtype=xp.float64), 1e-5)
+    if a.shape != w.shape or a.ndim != 1:
+        raise ConfigError(f"act_max {a.shape} and w_max {w.shape} must both be [C_in]")
+    if not (xp.isfinite(a).all() and xp.isfinite(w).all()):
+        raise CalibrationError("activation or weight ranges hold NaN/inf; recalibrate in float32")
+    s = xp.maximum(a ** alpha / w ** (1.0 - alpha), 1e-5)
+    return xp.where(a > 0, s, 1.0)
+
+
+def mappings_for(config, groups=DEFAULT_GROUPS) -> list:
+    """The concrete mappings (layer index filled in) of ``groups`` for this model.
+
+    Mappings that would not be equivalences for this config are left out with a warning.
+    """
+    table = SMOOTHING_TABLE[config.model_type]
+    known = {m.group for m in table}
+    if groups == "all":
+        groups = tuple(m.group for m in table)
+    unknown = set(groups) - known
+    if unknown:
+        raise ConfigError(f"unknown smoothing groups {sorted(unknown)} for {config.model_type}; "
+                          f"this architecture has {sorted(known)}")
+    chosen = [m for m in table if m.group in groups]
+    if config.model_type == "opt" and not config.do_layer_norm_before:
+        skipped = [m.group for m in chosen if m.kind == "layernorm"]
+        chosen = [m for m in chosen if m.kind != "layernorm"]
+        if skipped:
+            warnings.warn(
+                f"post-LN model (do_layer_norm_before=False): {skipped} not smoothed, because "
+                + NOT_FOLDABLE["opt"]["post-LN LayerNorms (do_layer_norm_before=False, opt-350m)"],
+                stacklevel=3,
+            )
+    return [
+        dataclasses.replace(m, source=m.source.format(i=i), targets=tuple(t.format(i=i) for t in m.targets))
+        for i in range(config.num_layers) for m in chosen
+    ]
+
+
+def _node(params, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _set(params, dotted: str, value):
+    # a new tree with one node replaced; containers along the path are copied, the rest shared
+    head, _, rest = dotted.partition(".")
+    if isinstance(params, list):
+        out = list(params)
+        i = int(head)
+        out[i] = _set(params[i], rest, value) if rest else value
+        return out
+    out = dict(params)
+    out[head] = _set(params[head], rest, value) if rest else value
+    return out
+
+
+def _float_leaf(params, name: str) -> Linear:
+    leaf = _node(params, name)
+    if not isinstance(leaf, Linear):
+        raise ConfigError(f"layer {name!r} is {type(leaf).__name__}, not a float Linear: smooth before quantizing")
+    return leaf
+
+
+def weight_absmax(params, targets) -> np.ndarray:
+    """``max|W_j|`` per input channel j over all targets' output columns: ``[C_in]``."""
+    maxima = [to_numpy(abs(_float_leaf(params, t).w).max(axis=1)) for t in targets]
+    return np.max(np.stack(maxima), axis=0)
+
+
+def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
+    """A new, smoothed model that computes the same function as ``model``.
+
+    ``stats`` come from :func:`minisq.calibrate` on ``model``. ``alpha`` is one float, or a
+    dict ``{source name: α}`` (e.g. from :func:`minisq.search_alpha`) with a default under
+    ``"*"``. ``groups`` picks rows of :data:`SMOOTHING_TABLE` (``"all"`` for every one).
+    The factors used are kept in ``model.info["smoothing"]["factors"]``.
+    """
+    if model.info.get("quantization"):
+        raise ConfigError("smooth the float model, then quantize it (this model is already quantized)")
+    stats.check_matches(model)
+    params = model.params
+    factors = {}
+    for m in mappings_for(model.config, groups):
+        a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
+        s = smoothing_factors(stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets), a)
+        factors[m.source] = s
+        params = apply_smoothing(params, m, s)
+    info = dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(
+        groups if groups != "all" else [m.group for m in SMOOTHING_TABLE[model.config.model_type]]),
+        factors=factors)
+    return model.evolve(params=params, info={**model.info, "smoothing": info})
+
+
+def apply_smoothing(params, mapping: Mapping, s) -> dict:
+    """A new parameter tree with ``mapping``'s source divided by s and targets' rows times s."""
+    xp = get_array_module(_float_leaf(params, mapping.targets[0]).w)
+    dtype = _float_leaf(params, mapping.targets[0]).w.dtype
+    s = xp.asarray(s, dtype=dtype)                                     # [C_in]
+    if mapping.kind == "layernorm":
+        ln = _node(params, mapping.source)
+        C = s.shape[0]
+        g = ln["g"] if ln["g"] is not None else xp.ones(C, dtype)      # no affine: materialize g=1, b=0
+        b = ln["b"] if ln["b"] is not None else xp.zeros(C, dtype)
+        params = _set(params, mapping.source, {"g": g / s, "b": b / s})
+    else:
+        src = _float_leaf(params, mapping.source)                      # its output columns are our channels
+        params = _set(params, mapping.source,
+                      Linear(src.w / s, None if src.b is None else src.b / s))
+    for t in mapping.targets:
+        leaf = _float_leaf(params, t)
+        params = _set(params, t, Linear(leaf.w * s[:, None], leaf.b))  # rows (input channels) times s
+    return params
+
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # 0, 0.05, ..., 1
+
+
+@dataclasses.dataclass
+class AlphaSearch:
+    """Result of :func:`search_alpha`: the chosen α per smoothed source and every error seen."""
+
+    alpha: dict                  # source name -> chosen α (pass to smooth(model, stats, alpha=...))
+    errors: dict                 # source name -> {α: relative squared error of the targets' outputs}
+    global_alpha: float
+
+    def table(self) -> str:
+        rows = [f"{'source':<40}{'best α':>8}{'error':>12}{'error at α=' + str(self.global_alpha):>20}"]
+        for src, a in self.alpha.items():
+            e = self.errors[src]
+            rows.append(f"{src:<40}{a:>8.2f}{e[a]:>12.3e}{e[self.global_alpha]:>20.3e}")
+        return "\n".join(rows)
+
+
+def search_alpha(model, stats, grid=ALPHA_GRID, preset: str = "O1", groups=DEFAULT_GROUPS,
+                 global_alpha: float = 0.5) -> AlphaSearch:
+    """Choose α per smoothed source by minimizing its targets' quantized-output error.
+
+    For each mapping, on the kept calibration inputs X of its targets (``calibrate(...,
+    keep_samples=n)``), tries every α of ``grid`` (plus ``global_alpha``): smooths X and W
+    with that α, quantizes with ``preset`` and measures ``Σ‖Y - Ŷ‖² / Σ‖Y‖²`` over the
+    targets. Each mapping is judged on its own, with the original model's inputs (the
+    approach Intel Neural Compressor calls SmoothQuant auto-tuning, simplified). Since
+    ``global_alpha`` is always tried, every chosen α does at least as well as it.
+    """
+    from .qlinear import PRESETS, quantize_linear
+
+    if not stats.samples:
+        raise CalibrationError("search_alpha needs input samples: calibrate(model, batches, keep_samples=256)")
+    stats.check_matches(model)
+    granularity = PRESETS[preset]
+    grid = sorted(set(float(a) for a in grid) | {float(global_alpha)})
+    chosen, errors = {}, {}
+    for m in mappings_for(model.config, groups):
+        X = stats.samples[m.targets[0]].astype(np.float64)                  # [n, C_in]
+        leaves = [_float_leaf(model.params, t) for t in m.targets]
+        Ws = [to_numpy(leaf.w).astype(np.float64) for leaf in leaves]       # [C_in, C_out] each
+        bs = [None if leaf.b is None else to_numpy(leaf.b).astype(np.float64) for leaf in leaves]
+        Ys = [X @ W + (0 if b is None else b) for W, b in zip(Ws, bs)]
+        w_max = np.max(np.stack([np.abs(W).max(axis=1) for W in Ws]), axis=0)
+        errors[m.source] = {}
+        for a in grid:
+            s = smoothing_factors(stats.channel_absmax[m.targets[0]], w_max, a)
+            Xs = X / s
+            num = den = 0.0
+            for W, b, Y in zip(Ws, bs, Ys):
+                q = quantize_linear(Linear(W * s[:, None], b), granularity["weights"], granularity["acts"],
+                                    x_absmax=float(np.abs(Xs).max()), path="fake")
+                num += float(((Y - q(Xs)) ** 2).sum())
+                den += float((Y ** 2).sum())
+            errors[m.source][a] = num / max(den, 1e-300)
+        chosen[m.source] = min(grid, key=lambda a: (errors[m.source][a], abs(a - global_alpha)))
+    return AlphaSearch(chosen, errors, float(global_alpha))

@@ -1,0 +1,88 @@
+"""`python -m minisq.demo` end to end, offline (issue 5)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from minisq.demo import main
+
+FIGURES = ("activations.png", "channel_max.png", "layer_sqnr.png", "alpha_sweep.png")
+
+
+def _check_outputs(out, synthetic: bool) -> dict:
+    for name in FIGURES + ("report.md", "report.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 1000 or name.endswith(".md"), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["synthetic"] is synthetic
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert len(rows) == 7
+    for r in rows.values():
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+        assert math.isfinite(r["kl_to_fp"]) and r["kl_to_fp"] >= 0
+        assert r["weight_mb"] > 0
+    assert rows["FP32 (float)"]["kl_to_fp"] == 0.0
+    md = (out / "report.md").read_text()
+    assert "SmoothQuant-O3" in md and ("SYNTHETIC" in md) == synthetic
+    return rows
+
+
+def test_demo_on_the_synthetic_model_quick(tmp_path, capsys, shared_data):
+    out = tmp_path / "out"
+    assert main(["--model", "synthetic", "--quick", "--out", str(out), "--data-dir", str(shared_data)]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and "| SmoothQuant-O1" in printed and "Generated text" in printed
+    rows = _check_outputs(out, synthetic=True)
+    fp = rows["FP32 (float)"]["perplexity"]
+    naive = rows["W8A8 naive (= O2 without smoothing)"]
+    for sq in ("SmoothQuant-O1", "SmoothQuant-O2", "SmoothQuant-O3"):
+        # SmoothQuant W8A8 is closer to float than naive W8A8, in KL and in perplexity
+        assert rows[sq]["kl_to_fp"] < naive["kl_to_fp"] / 3, sq
+        assert abs(rows[sq]["perplexity"] - fp) < abs(naive["perplexity"] - fp), sq
+    assert rows["W8A8 O1 without smoothing"]["kl_to_fp"] < naive["kl_to_fp"]
+    # int8 block weights are smaller than float32 ones
+    assert rows["SmoothQuant-O3"]["weight_mb"] < rows["FP32 (float)"]["weight_mb"]
+
+
+def test_demo_on_a_tiny_local_checkpoint_with_real_text(tmp_path, capsys, make_checkpoint, shared_data):
+    folder, _ = make_checkpoint("gpt2", vocab_size=50257, n_positions=128)
+    model_dir = tmp_path / "tiny-gpt2"
+    shutil.copytree(folder, model_dir)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_data / "gpt2" / f, model_dir / f)
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dir), "--out", str(out), "--data-dir", str(shared_data),
+                 "--calib-samples", "4", "--eval-tokens", "512", "--lambada-samples", "8", "--alphas", "0,0.5,1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "WikiText-2" in printed and "LAMBADA" in printed and "SYNTHETIC" not in printed
+    rows = _check_outputs(out, synthetic=False)
+    assert all(r["lambada_acc"] is not None for r in rows.values())
+
+
+def test_demo_falls_back_to_synthetic_offline(tmp_path, capsys, monkeypatch, shared_data):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    out = tmp_path / "out"
+    code = main(["--quick", "--out", str(out), "--data-dir", str(shared_data), "--calib-samples", "2",
+                 "--eval-tokens", "256", "--alphas", "0.5"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "could not load the default model 'gpt2'" in printed and "SYNTHETIC" in printed
+
+
+def test_demo_named_model_missing_is_a_clear_error(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")]) == 2
+    assert "no folder" in capsys.readouterr().err
+
+
+def test_demo_help_documents_every_option():
+    res = subprocess.run([sys.executable, "-m", "minisq.demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for opt in ("--model", "--alpha", "--calib-samples", "--eval-tokens", "--device", "--out", "--quick",
+                "--data-dir", "synthetic"):
+        assert opt in res.stdout
