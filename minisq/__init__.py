@@ -12,7 +12,7 @@ from .errors import (  # noqa: F401
     MinisqError, NonFiniteError, ShapeError, UnsafePickleError,
 )
 from .loading import load  # noqa: F401
-from .model import KVCache, Model  # noqa: F401
+from .model import KVCache, Model, get_param, replace_param  # noqa: F401
 from .evaluate import lambada_accuracy, perplexity  # noqa: F401
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm, int8_gemm_reference  # noqa: F401
 from .nn import Linear  # noqa: F401
@@ -20,7 +20,9 @@ from .qlinear import PRESETS, W8A8Linear, quantize, quantize_linear, weight_memo
 from .quant import (  # noqa: F401
     dequantize, fake_quantize, quantize_per_channel, quantize_per_tensor, quantize_per_token,
 )
-from .smooth import SMOOTHING_TABLE, search_alpha, smooth, smoothing_factors  # noqa: F401
+from .smooth import (  # noqa: F401
+    NOT_FOLDABLE, SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors, weight_absmax,
+)
 from .synthetic import synthetic_model  # noqa: F401
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ WikiText-2 text, since any real English text serves to find activation ranges.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,12 @@ class CalibrationStats:
         """Raise CalibrationError unless these stats were taken on a model of this shape."""
         theirs = signature(model)
         if theirs != self.signature:
+            if theirs.get("smoothing") != self.signature.get("smoothing"):
+                raise CalibrationError(
+                    "these calibration stats were taken on the model before (or with other) smoothing; "
+                    "smoothing changes every smoothed layer's inputs: calibrate the smoothed model itself "
+                    "(stats = minisq.calibrate(smoothed, batches))"
+                )
             missing = sorted(set(theirs) - set(self.signature))
             differ = sorted(k for k in set(theirs) & set(self.signature) if theirs[k] != self.signature[k])
             detail = (f"layers without stats: {missing[:3]}" if missing else
@@ -94,10 +101,24 @@ class CalibrationStats:
 
 
 def signature(model) -> dict:
-    """What calibration stats must match: the model type and every linear's shape."""
+    """What calibration stats must match: the model type, every linear's shape, and which
+    smoothing was applied (a smoothed model's inputs differ from the float model's, so its
+    static scales must come from calibrating it, not the model it was smoothed from)."""
     sig = {name: (leaf.in_features, leaf.out_features) for name, leaf in model.linears().items()}
     sig["model_type"] = model.config.model_type
+    sig["smoothing"] = _smoothing_fingerprint(model)
     return sig
+
+
+def _smoothing_fingerprint(model) -> str | None:
+    factors = model.info.get("smoothing", {}).get("factors")
+    if not factors:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(factors):
+        digest.update(name.encode())
+        digest.update(np.asarray(to_numpy(factors[name]), np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class _Recorder:

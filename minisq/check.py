@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import to_device, to_numpy
 from .errors import CalibrationError, ConfigError
 
 
@@ -110,7 +110,7 @@ def layer_errors(model, stats, preset: str = "O1", weights: str | None = None, a
     for name, leaf in model.linears().items():
         if name not in stats.samples:
             continue
-        x = stats.samples[name].astype(model.dtype)
+        x = to_device(stats.samples[name].astype(model.dtype), model.device)
         y = to_numpy(leaf(x))
         q = quantize_linear(leaf, cfg["weights"], cfg["acts"], stats.input_absmax.get(name), path="fake")
         yq = to_numpy(q(x))
@@ -149,7 +149,7 @@ def assert_equal(name: str, got, expected, explain: str = "") -> None:
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {bad.size} values differ; first at {list(idx)}: "
-            f"yours {got[idx]!r}, expected {expected[idx]!r}" + (f" ({explain})" if explain else "")
+            f"yours {got[idx].item()!r}, expected {expected[idx].item()!r}" + (f" ({explain})" if explain else "")
         )
 
 
@@ -287,7 +287,8 @@ def check_quantized(name: str, q, scale, x, granularity: str, static_scale=None)
     q, s = np.asarray(to_numpy(q)), np.asarray(to_numpy(scale))
     # the scale: shape, dtype, value per group
     if s.dtype.kind != "f":
-        raise AssertionError(f"{name}: scale has dtype {s.dtype}; a scale is a float array of x's dtype ({exp_s.dtype})")
+        raise AssertionError(f"{name}: scale has dtype {s.dtype}; a scale is a float array of x's dtype "
+                             f"({exp_s.dtype})")
     if s.shape != exp_s.shape:
         raise AssertionError(f"{name}: scale has shape {s.shape}, expected {exp_s.shape} for x of shape "
                              f"{x.shape}: {_SCALE_SHAPES[granularity]}")
@@ -462,7 +463,8 @@ def check_smoothing_factors(name: str, s, act_max, w_max, alpha: float, rtol: fl
         else:
             hint = f"s_j = {formula} = {aj:.6g}^{alpha} / {max(wj, 1e-5):.6g}^{1 - alpha:g}"
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} factors are wrong; channel {j}: yours "
-                             f"{yours:.6g}, expected {want:.6g}; act_max[{j}] = {aj:.6g}, w_max[{j}] = {wj:.6g}: {hint}")
+                             f"{yours:.6g}, expected {want:.6g}; act_max[{j}] = {aj:.6g}, "
+                             f"w_max[{j}] = {wj:.6g}: {hint}")
 
 
 def check_smoothing_fold(name: str, new_ln: dict, new_targets, ln: dict, targets, s, ulps: float = 4.0) -> None:
@@ -579,8 +581,9 @@ def assert_equivalent(name: str, report: "EquivalenceReport") -> None:
 
 
 def check_static_scale(name: str, scale, channel_absmax, dtype=np.float32) -> None:
-    """Check a static (O3) activation scale against ``minisq.quantize_linear``'s: the 0-d
-    ``max(max_k absmax[k], 1e-30) / 127`` (in float64, then cast to ``dtype``), exactly."""
+    """Check a static (O3) activation scale against ``minisq.quantize_linear``'s, exactly: the
+    0-d ``max_k absmax[k] / 127`` computed in ``dtype``, and 1 (the quantizers' zero-range
+    guard) where that would be 0 or subnormal."""
     # [] float, [C_in] float -> None
     from .qlinear import quantize_linear
     from .nn import Linear
@@ -590,7 +593,8 @@ def check_static_scale(name: str, scale, channel_absmax, dtype=np.float32) -> No
     leaf = Linear(np.ones((absmax.shape[0], 1), dtype))
     want = quantize_linear(leaf, "per_tensor", "static", x_absmax=float(absmax.max())).x_scale
     if scale is None or not hasattr(scale, "dtype"):
-        raise AssertionError(f"{name} returned {type(scale).__name__}: return a 0-d {dtype} array (np.asarray(..., dtype))")
+        raise AssertionError(f"{name} returned {type(scale).__name__}: return a 0-d {dtype} array "
+                             f"(np.asarray(..., dtype))")
     got = np.asarray(to_numpy(scale))
     if got.shape != ():
         raise AssertionError(f"{name}: the scale has shape {got.shape}, expected () — one scale for the whole layer "
@@ -601,16 +605,17 @@ def check_static_scale(name: str, scale, channel_absmax, dtype=np.float32) -> No
         return
     yours, top = float(got), float(absmax.max())
     candidates = {
-        "a layer whose inputs were all zero still needs a positive scale: floor the range at 1e-30":
+        "a layer whose inputs were all zero still needs a positive scale: use 1, as the quantizers do":
             0.0 if top == 0 else None,
-        "yours is the mean of the channel ranges / 127: use their max, or the outlier channels clip": absmax.mean() / 127,
+        "yours is the mean of the channel ranges / 127: use their max, or the outlier channels clip":
+            absmax.mean() / 127,
         "yours is max / 128: the symmetric int8 range is [-127, 127], divide by 127": top / 128,
         "yours is 127 / max, the inverse: Δ = max / 127": 127 / top if top else None,
     }
     hint = next((why for why, v in candidates.items() if v is not None
                  and abs(yours - v) <= 1e-6 * abs(v)), "")
     if not np.isfinite(yours):
-        hint = "a NaN/inf scale: floor the range at 1e-30 before dividing"
-    raise AssertionError(f"{name}: yours {yours:.7g}, expected {float(want):.7g} = max(max absmax, 1e-30) / 127 "
-                         f"= {max(top, 1e-30):.6g} / 127 (computed in float64, then cast to {dtype})"
+        hint = "a NaN/inf scale: an all-zero range gets scale 1 instead of 0/127"
+    raise AssertionError(f"{name}: yours {yours:.7g}, expected {float(want):.7g} = max absmax / 127 "
+                         f"= {top:.6g} / 127 (computed in {dtype}; 1 if that is 0 or subnormal)"
                          + (f"; {hint}" if hint else ""))

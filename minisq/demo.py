@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lambada-samples", type=int, default=None,
                     help="LAMBADA passages to score, 0 to skip (default 100; --quick 16)")
     ap.add_argument("--seq-len", type=int, default=None,
-                    help="perplexity window length (default: the model's context, at most 1024; --quick 256)")
+                    help="perplexity window length (default: the model's context, at most 1024; 256 with --quick "
+                         "or the synthetic model)")
     ap.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
                     help="comma-separated α values for the α-sweep figure, '' to skip (default 0,0.25,0.5,0.75,1)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="run on the CPU (NumPy) or GPU (CuPy)")
@@ -209,7 +210,10 @@ def run(args) -> dict:
     else:
         banner(f"minisq SmoothQuant demo: {name}")
     say(f"{model}")
-    seq_len = args.seq_len or min(model.config.max_positions, 256 if args.quick else 1024)
+    # Windows of 1024 on real models; 256 on the synthetic one, whose eval text is sampled
+    # token by token from the float model (shorter windows sample in parallel).
+    short = args.quick or model.config.is_synthetic
+    seq_len = args.seq_len or min(model.config.max_positions, 256 if short else 1024)
     calib, eval_ids, passages, source = load_texts(args, model, seq_len)
     eval_ids = eval_ids[: max(args.eval_tokens, seq_len)]
     say(f"data: {source}; {len(calib)} calibration sequences, {len(eval_ids)} eval tokens "

@@ -93,6 +93,28 @@ def _map(node, fn, prefix: str):
     return node
 
 
+def get_param(params, dotted: str):
+    """The node at a dotted name of a parameter tree, e.g. ``get_param(p, "h.0.ln_1")``."""
+    node = params
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def replace_param(params, dotted: str, value):
+    """A new tree with the node at ``dotted`` replaced by ``value``. The containers along
+    the path are copied, everything else is shared: the input tree is not changed."""
+    head, _, rest = dotted.partition(".")
+    if isinstance(params, list):
+        out = list(params)
+        i = int(head)
+        out[i] = replace_param(params[i], rest, value) if rest else value
+        return out
+    out = dict(params)
+    out[head] = replace_param(params[head], rest, value) if rest else value
+    return out
+
+
 class Model:
     """A GPT-2 or OPT language model: config + parameter tree (+ tokenizer).
 

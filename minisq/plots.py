@@ -60,9 +60,11 @@ def activation_surfaces(x_before, x_after, w_before=None, w_after=None, title: s
     return _save(fig, path)
 
 
-def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "", path=None, after=None):
+def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "", path=None, after=None,
+                     log: bool | None = None):
     """Per-channel max |x| as bars, the ``top`` outlier channels named; ``after`` overlays
-    the smoothed ranges."""
+    the smoothed ranges. ``log`` (default: when ``after`` is given) uses a log y axis, so
+    that small smoothed ranges stay visible beside 100x outliers."""
     a = np.asarray(to_numpy(act_max), np.float64)
     fig = _figure(figsize=(10, 3.6))
     ax = fig.add_subplot(1, 1, 1)
@@ -73,6 +75,8 @@ def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "
         ax.legend()
     for ch in np.argsort(a)[::-1][:top]:
         ax.annotate(f"ch {ch}", (ch, a[ch]), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    if log or (log is None and after is not None):
+        ax.set_yscale("log")
     ax.set_xlabel("input channel")
     ax.set_ylabel("max |x| over calibration tokens")
     ax.set_title((title or "Outliers live in a few channels") +

@@ -104,7 +104,7 @@ def _static_scale(xp, scale, dtype, shape: tuple, also: tuple = ()):
     return s
 
 
-def _dynamic_scale(xp, absmax):
+def dynamic_scale(xp, absmax):
     """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal."""
     # [...] float -> [...] float (same dtype)
     s = absmax / QMAX
@@ -134,7 +134,7 @@ def quantize_per_tensor(x, scale=None):
         raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
     _check_finite(xp, x)
     if scale is None:
-        s = _dynamic_scale(xp, xp.asarray(xp.max(xp.abs(x))))
+        s = dynamic_scale(xp, xp.asarray(xp.max(xp.abs(x))))
     else:
         s = _static_scale(xp, scale, x.dtype, (), also=((1,), (1, 1)))
     return _quantize(xp, x, s), xp.asarray(s)
@@ -154,7 +154,7 @@ def quantize_per_token(x, scale=None):
         raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
     _check_finite(xp, x)
     if scale is None:
-        s = _dynamic_scale(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
+        s = dynamic_scale(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
     else:
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
     return _quantize(xp, x, s), s
@@ -177,7 +177,7 @@ def quantize_per_channel(w, scale=None):
         )
     _check_finite(xp, w, "w")
     if scale is None:
-        s = _dynamic_scale(xp, xp.max(xp.abs(w), axis=0, keepdims=True))
+        s = dynamic_scale(xp, xp.max(xp.abs(w), axis=0, keepdims=True))
     else:
         s = _static_scale(xp, scale, w.dtype, (1, w.shape[1]), also=((w.shape[1],),))
     return _quantize(xp, w, s), s

@@ -22,6 +22,7 @@ import numpy as np
 
 from .backend import get_array_module, to_numpy
 from .errors import CalibrationError, ConfigError
+from .model import get_param, replace_param
 from .nn import Linear
 
 
@@ -124,28 +125,8 @@ def mappings_for(config, groups=DEFAULT_GROUPS) -> list:
     ]
 
 
-def _node(params, dotted: str):
-    node = params
-    for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
-def _set(params, dotted: str, value):
-    # a new tree with one node replaced; containers along the path are copied, the rest shared
-    head, _, rest = dotted.partition(".")
-    if isinstance(params, list):
-        out = list(params)
-        i = int(head)
-        out[i] = _set(params[i], rest, value) if rest else value
-        return out
-    out = dict(params)
-    out[head] = _set(params[head], rest, value) if rest else value
-    return out
-
-
 def _float_leaf(params, name: str) -> Linear:
-    leaf = _node(params, name)
+    leaf = get_param(params, name)
     if not isinstance(leaf, Linear):
         raise ConfigError(f"layer {name!r} is {type(leaf).__name__}, not a float Linear: smooth before quantizing")
     return leaf
@@ -187,18 +168,18 @@ def apply_smoothing(params, mapping: Mapping, s) -> dict:
     dtype = _float_leaf(params, mapping.targets[0]).w.dtype
     s = xp.asarray(s, dtype=dtype)                                     # [C_in]
     if mapping.kind == "layernorm":
-        ln = _node(params, mapping.source)
+        ln = get_param(params, mapping.source)
         C = s.shape[0]
         g = ln["g"] if ln["g"] is not None else xp.ones(C, dtype)      # no affine: materialize g=1, b=0
         b = ln["b"] if ln["b"] is not None else xp.zeros(C, dtype)
-        params = _set(params, mapping.source, {"g": g / s, "b": b / s})
+        params = replace_param(params, mapping.source, {"g": g / s, "b": b / s})
     else:
         src = _float_leaf(params, mapping.source)                      # its output columns are our channels
-        params = _set(params, mapping.source,
+        params = replace_param(params, mapping.source,
                       Linear(src.w / s, None if src.b is None else src.b / s))
     for t in mapping.targets:
         leaf = _float_leaf(params, t)
-        params = _set(params, t, Linear(leaf.w * s[:, None], leaf.b))  # rows (input channels) times s
+        params = replace_param(params, t, Linear(leaf.w * s[:, None], leaf.b))  # rows (input channels) times s
     return params
 
 

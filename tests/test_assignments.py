@@ -329,10 +329,11 @@ def test_check_channel_absmax_and_static_scale():
     _fails(check.check_channel_absmax, "c", {"a": np.array([1.0, 2.0]), "b": want["b"]}, want, match="max\\(\\|x\\|\\)")
     _fails(check.check_channel_absmax, "c", {"a": np.array([1.0, 4.0]), "b": want["b"]}, want, match="larger")
     absmax = np.array([0.5, 41.2, 3.0])
-    check.check_static_scale("z", np.asarray(41.2 / 127, np.float32), absmax)
+    check.check_static_scale("z", np.asarray(np.float32(41.2) / np.float32(127)), absmax)  # in float32
+    check.check_static_scale("z", np.asarray(1.0, np.float32), np.zeros(3))  # the zero-range guard
     _fails(check.check_static_scale, "z", np.asarray(absmax.mean() / 127, np.float32), absmax, match="mean")
     _fails(check.check_static_scale, "z", np.asarray(41.2 / 128, np.float32), absmax, match="divide by 127")
-    _fails(check.check_static_scale, "z", np.asarray(0.0, np.float32), np.zeros(3), match="floor the range")
+    _fails(check.check_static_scale, "z", np.asarray(0.0, np.float32), np.zeros(3), match="use 1, as the quantizers do")
     _fails(check.check_static_scale, "z", np.full(3, 0.3, np.float32), absmax, match="shape \\(3,\\)")
 
 
@@ -343,7 +344,8 @@ def test_assert_equivalent_points_at_the_first_block():
     check.assert_equivalent("m", minisq.check_equivalence(model, model, ids))
     params = copy.copy(model.params)
     params["h"] = list(params["h"])
-    params["h"][1] = {**params["h"][1], "ln_2": {"g": params["h"][1]["ln_2"]["g"] * 2, "b": params["h"][1]["ln_2"]["b"]}}
+    ln_2 = params["h"][1]["ln_2"]
+    params["h"][1] = {**params["h"][1], "ln_2": {"g": ln_2["g"] * 2, "b": ln_2["b"]}}
     report = minisq.check_equivalence(model, model.evolve(params=params), ids)
     _fails(check.assert_equivalent, "m", report, match="(?s)FAIL.*first block that differs is 'h.1'")
 

@@ -165,6 +165,11 @@ def test_calibration_errors(make_checkpoint):
         minisq.quantize(model, "O3", stats=stats)
     with pytest.raises(minisq.CalibrationError, match="another model"):
         minisq.smooth(model, stats)
+    own = calibrate(model, [_ids(0, (1, 8))], progress=False)
+    smoothed = minisq.smooth(model, own, alpha=0.5)
+    with pytest.raises(minisq.CalibrationError, match="calibrate the smoothed model itself"):
+        minisq.quantize(smoothed, "O3", stats=own)   # stale: taken before smoothing
+    minisq.quantize(smoothed, "O3", stats=calibrate(smoothed, [_ids(0, (1, 8))], progress=False))
 
 
 def test_float16_overflow_is_reported_not_returned():

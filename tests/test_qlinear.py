@@ -197,3 +197,37 @@ def test_weight_memory_counts_int8_and_scales(family_model):
     assert fp["stored_bytes"] == 4 * (n_w + n_b) + head
     assert q["stored_bytes"] == n_w + 4 * n_scales + 4 * n_b + head
     assert q["float32_bytes"] == fp["float32_bytes"] and q["quantized_layers"] == len(leaves)
+
+
+# --- the same on a GPU (skipped where none is usable) ----------------------------------------
+
+gpu = pytest.mark.skipif(not minisq.backend.gpu_available(), reason="no usable CUDA GPU (cupy + driver)")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights,acts", GRID)
+def test_w8a8_leaf_on_gpu_equals_cpu_bit_for_bit(weights, acts):
+    from minisq.backend import to_device, to_numpy
+
+    rng = np.random.default_rng(7)
+    leaf, x = _leaf(rng, dtype=np.float32), _x(rng, dtype=np.float32)
+    q_cpu = quantize_linear(leaf, weights, acts, x_absmax=30.0)
+    q_gpu = quantize_linear(Linear(to_device(leaf.w, "gpu"), to_device(leaf.b, "gpu")), weights, acts, x_absmax=30.0)
+    np.testing.assert_array_equal(to_numpy(q_gpu.w_q), q_cpu.w_q)
+    np.testing.assert_array_equal(to_numpy(q_gpu(to_device(x, "gpu"))), q_cpu(x))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_quantized_model_on_gpu_matches_cpu(family_model, preset):
+    from minisq.backend import to_numpy
+
+    family, model, stats = family_model
+    ids = _ids(8, (2, 16))
+    cpu = minisq.quantize(model, preset, stats=stats, attn_bmm=True)
+    on_gpu = minisq.quantize(model.to("gpu"), preset, stats=stats, attn_bmm=True)
+    # integer GEMMs are exact on both; float attention/LayerNorm differ by float32 rounding
+    np.testing.assert_allclose(to_numpy(on_gpu(ids)), cpu(ids), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(on_gpu.generate(ids[0, :4], 4), cpu.generate(ids[0, :4], 4))
