@@ -851,12 +851,27 @@ for preset in ("naive", "O1", "O2", "O3"):
     print(f"{preset:8s}{cfg['weights']:>12s}{cfg['acts']:>13s}{p0:11.3f}{p1:11.3f}{k0:11.4g}{k1:11.4g}")
 print("\n(SQ) = smoothed with α = 0.5 before quantizing: SmoothQuant-O1/O2/O3 are the (SQ) columns")
 %% md
-**A pitfall.** O3's scales must come from the model being quantized. The float model's
-stats *fit* the smoothed model (same layers, same shapes), so nothing stops you from
-passing them, but their ranges include the outliers that smoothing removed: the static
-scales come out far too coarse.
+**A pitfall.** O3's scales must come from the model being quantized. The float model's stats
+*fit* the smoothed model (same layers, same shapes), but their ranges include the outliers
+that smoothing removed: the static scales would come out far too coarse. minisq records which
+smoothing a model had in its calibration stats and refuses the mix-up:
 %% code
-stale = evaluate(minisq.quantize(smoothed, "O3", stats=stats))   # WRONG: the float model's ranges
+try:
+    minisq.quantize(smoothed, "O3", stats=stats)   # WRONG: the float model's ranges
+    refused = ""
+except minisq.CalibrationError as err:
+    refused = str(err)
+print("minisq says:", refused)
+check("stale stats are refused", "a CalibrationError", "refused" if refused else "accepted", bool(refused))
+%% md
+What the guard prevents, built by hand: the same O3 leaves, with the float model's ranges.
+%% code
+from minisq.qlinear import quantize_linear
+
+stale_model = smoothed.replace_linears(
+    lambda name, leaf: leaf if name == "lm_head" else
+    quantize_linear(leaf, "per_tensor", "static", x_absmax=stats.input_absmax[name]))
+stale = evaluate(stale_model)
 fresh = results["O3", "smoothed"]
 print(f"SmoothQuant-O3 with the smoothed model's stats: ppl {fresh[0]:.3f}, KL {fresh[1]:.4g}")
 print(f"SmoothQuant-O3 with the float model's stats:    ppl {stale[0]:.3f}, KL {stale[1]:.4g}")
