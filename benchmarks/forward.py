@@ -59,8 +59,11 @@ def main() -> None:
 
     t_ours = best_time(lambda: model(ids), args.repeats)
     t_torch = best_time(run_torch, args.repeats)
+    import os
+
     print(f"GPT-2 small shapes (random weights), 1 x {args.tokens} tokens, fp32, CPU, "
-          f"torch threads={torch.get_num_threads()}")
+          f"torch threads={torch.get_num_threads()}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     print(f"max |logits diff| = {err:.2e}")
     print(f"{'minisq (NumPy)':<18}{t_ours * 1e3:9.1f} ms")
     print(f"{'transformers':<18}{t_torch * 1e3:9.1f} ms")

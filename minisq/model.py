@@ -359,7 +359,10 @@ def _self_attention(model, q, k, v, cache, i, bias, scale):
     q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
     if cache is not None:
         k, v = cache.update(i, k, v)                                 # [B, H, S, D]
-    a = nn.attention(q, k, v, bias, scale, matmul=model.attn_matmul)
+    if model.attn_matmul is None:
+        a = nn.attention_causal_blocked(q, k, v, bias, scale)        # float: skip the masked half
+    else:
+        a = nn.attention(q, k, v, bias, scale, matmul=model.attn_matmul)  # INT8 BMM: one call
     return nn.merge_heads(a)
 
 

@@ -95,12 +95,13 @@ def relu(x):
 ACTIVATION_FNS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "relu": relu}
 
 
-def softmax(x, axis: int = -1):
-    # [..., S] -> [..., S]
+def softmax(x, axis: int = -1, inplace: bool = False):
+    # [..., S] -> [..., S]; inplace=True reuses x's memory (for scores no one else holds)
     xp = get_array_module(x)
-    e = x - x.max(axis=axis, keepdims=True)
-    e = xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
+    e = x if inplace else x.copy()
+    e -= e.max(axis=axis, keepdims=True)
+    xp.exp(e, out=e)
+    e *= 1 / e.sum(axis=axis, keepdims=True)
     return e
 
 
@@ -143,8 +144,27 @@ def attention(q, k, v, bias, scale: float, matmul=None):
     The INT8 attention BMM passes a quantized one.
     """
     mm = matmul or (lambda a, b: a @ b)
-    scores = mm(q, k.swapaxes(-1, -2))   # [B, H, T, S]
-    scores *= q.dtype.type(scale)
+    # scaling q [.., T, D] costs T·D multiplies; scaling the scores would cost T·S
+    scores = mm(q * q.dtype.type(scale), k.swapaxes(-1, -2))   # [B, H, T, S], a fresh array
     scores += bias
-    p = softmax(scores)
+    p = softmax(scores, inplace=True)
     return mm(p, v)
+
+
+def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 256):
+    """The same as :func:`attention`, faster for long prompts: queries go in blocks of
+    ``block``, and each block multiplies only the keys it can see (up to its last position),
+    skipping the masked upper triangle — about half of the work at T = S. Checked against
+    :func:`attention` in the tests.
+
+    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
+    """
+    xp = get_array_module(q)
+    T, S = q.shape[2], k.shape[2]
+    out = xp.empty_like(q)
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        seen = S - T + t1                      # keys visible to the block's last query
+        out[:, :, t0:t1] = attention(q[:, :, t0:t1], k[:, :, :seen], v[:, :, :seen],
+                                     bias[:, :, t0:t1, :seen], scale)
+    return out
