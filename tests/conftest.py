@@ -71,7 +71,11 @@ def save_hf_model(model, path: Path, **save_kwargs) -> Path:
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
-    """Factory: (family, seed=0, save_kwargs=None, **config overrides) -> (folder, hf_model)."""
+    """Factory: (family, seed=0, save_kwargs=None, **config overrides) -> (folder, hf_model).
+
+    Note: transformers 5 always writes safetensors (``safe_serialization=False`` is ignored);
+    tests/test_checkpoint.py writes ``pytorch_model.bin`` files with ``torch.save`` itself.
+    """
     cache: dict = {}
 
     def make(family: str, seed: int = 0, save_kwargs: dict | None = None, **overrides):

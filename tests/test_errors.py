@@ -73,41 +73,34 @@ def test_weights_do_not_match_config(tmp_path, make_checkpoint):
         minisq.load(folder)
 
 
-def test_tensor_of_the_wrong_dtype(tmp_path, make_checkpoint):
+def _edit_weights(folder, edit):
+    """Rewrite folder/model.safetensors after ``edit(state)`` changes the state dict in place."""
     from safetensors.numpy import save_file
 
     from minisq.checkpoint import read_safetensors
 
-    folder = _copy(make_checkpoint("gpt2")[0], tmp_path)
     state = read_safetensors(folder / "model.safetensors")
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"].astype(np.int32)
+    edit(state)
     save_file(state, str(folder / "model.safetensors"))
+
+
+def test_tensor_of_the_wrong_dtype(tmp_path, make_checkpoint):
+    folder = _copy(make_checkpoint("gpt2")[0], tmp_path)
+    _edit_weights(folder, lambda st: st.update({"transformer.wpe.weight": st["transformer.wpe.weight"].astype(np.int32)}))
     with pytest.raises(minisq.ShapeError, match="'wpe.weight' has dtype int32"):
         minisq.load(folder)
 
 
 def test_missing_tensor(tmp_path, make_checkpoint):
-    from safetensors.numpy import save_file
-
-    from minisq.checkpoint import read_safetensors
-
     folder = _copy(make_checkpoint("opt")[0], tmp_path)
-    state = read_safetensors(folder / "model.safetensors")
-    del state["model.decoder.layers.1.fc2.bias"]
-    save_file(state, str(folder / "model.safetensors"))
+    _edit_weights(folder, lambda st: st.pop("model.decoder.layers.1.fc2.bias"))
     with pytest.raises(minisq.CheckpointError, match="'layers.1.fc2.bias' is missing"):
         minisq.load(folder)
 
 
 def test_non_finite_weights(tmp_path, make_checkpoint):
-    from safetensors.numpy import save_file
-
-    from minisq.checkpoint import read_safetensors
-
     folder = _copy(make_checkpoint("gpt2")[0], tmp_path)
-    state = read_safetensors(folder / "model.safetensors")
-    state["transformer.h.1.attn.c_proj.weight"][3, 4] = np.nan
-    save_file(state, str(folder / "model.safetensors"))
+    _edit_weights(folder, lambda st: st["transformer.h.1.attn.c_proj.weight"].__setitem__((3, 4), np.nan))
     with pytest.raises(minisq.NonFiniteError, match="'h.1.attn.c_proj.weight' holds 1 NaN/inf"):
         minisq.load(folder)
 
