@@ -1,9 +1,11 @@
 """minisq: SmoothQuant (W8A8 post-training quantization of LLMs) from scratch in NumPy/CuPy.
 
-The public API lives here; each name comes from a module that holds one concept.
+The public API lives here; each name comes from a module that holds one concept. Note
+that ``minisq.calibrate`` and ``minisq.smooth`` are the *functions*; their modules'
+other names are imported with ``from minisq.smooth import SMOOTHING_TABLE`` and the like.
 """
 
-from . import evaluate  # noqa: F401
+from . import backend, data, evaluate  # noqa: F401
 from .calibrate import CalibrationStats, calibrate  # noqa: F401
 from .check import check_equivalence, layer_errors, logit_error, sqnr_db  # noqa: F401
 from .config import ModelConfig  # noqa: F401
@@ -11,10 +13,10 @@ from .errors import (  # noqa: F401
     CalibrationError, CheckpointError, ConfigError, DataError, DeviceError, InputError,
     MinisqError, NonFiniteError, ShapeError, UnsafePickleError,
 )
-from .loading import load  # noqa: F401
-from .model import KVCache, Model, get_param, replace_param  # noqa: F401
 from .evaluate import lambada_accuracy, perplexity  # noqa: F401
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm, int8_gemm_reference  # noqa: F401
+from .loading import load  # noqa: F401
+from .model import KVCache, Model, get_param, replace_param  # noqa: F401
 from .nn import Linear  # noqa: F401
 from .qlinear import PRESETS, W8A8Linear, quantize, quantize_linear, weight_memory  # noqa: F401
 from .quant import (  # noqa: F401
