@@ -33,7 +33,7 @@ from .errors import DataError, MinisqError
 from .evaluate import lambada_accuracy, perplexity
 from .loading import load
 from .qlinear import PRESETS, quantize, weight_memory
-from .smooth import smooth
+from .smooth import DEFAULT_GROUPS, smooth
 from .synthetic import SYNTHETIC_LABEL, synthetic_model
 
 DEFAULT_MODEL = "gpt2"
@@ -186,6 +186,14 @@ VARIANTS = (  # (row label, smoothed?, preset or None for float)
 )
 
 
+def smoothing_groups(model) -> tuple:
+    """The official code's LayerNorm mappings; for post-LN OPT (opt-350m), where folding into
+    a LayerNorm is not an equivalence, the two in-block mappings instead."""
+    if model.config.model_type == "opt" and not model.config.do_layer_norm_before:
+        return ("fc1_fc2", "v_out")
+    return DEFAULT_GROUPS
+
+
 def evaluate(model, eval_ids, passages, seq_len):
     t0 = time.perf_counter()
     ppl = perplexity(model, eval_ids, seq_len=seq_len, progress=True)
@@ -221,7 +229,8 @@ def run(args) -> dict:
 
     t0 = time.perf_counter()
     stats = calibrate(model, calib, keep_samples=256)
-    smoothed = smooth(model, stats, alpha=args.alpha)
+    groups = smoothing_groups(model)
+    smoothed = smooth(model, stats, alpha=args.alpha, groups=groups)
     s_stats = calibrate(smoothed, calib, keep_samples=256)
     say(f"calibrated and smoothed (α={args.alpha}) in {time.perf_counter() - t0:.1f} s")
 
@@ -282,7 +291,7 @@ def make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out: 
         sweep_ids = eval_ids[: max(seq_len, min(len(eval_ids), 2 * seq_len))]
         ppls = []
         for a in alphas:
-            ppls.append(perplexity(quantize(smooth(model, stats, alpha=a), "O2"), sweep_ids, seq_len=seq_len,
+            ppls.append(perplexity(quantize(smooth(model, stats, alpha=a, groups=smoothing_groups(model)), "O2"), sweep_ids, seq_len=seq_len,
                                    progress=False))
         fp = perplexity(model, sweep_ids, seq_len=seq_len, progress=False)
         plots.alpha_sweep(alphas, ppls, ylabel=f"perplexity ({len(sweep_ids)} tokens)",
