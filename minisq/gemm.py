@@ -262,9 +262,12 @@ def _int8_matmul_tn(a, b, run_tn):
     return c if plan.m == N else xp.ascontiguousarray(c[..., :N])
 
 
-# cudaDataType_t values from CUDA's library_types.h (CuPy's runtime module lacks CUDA_R_32I).
+# cudaDataType_t values from CUDA's library_types.h (CuPy's runtime module lacks CUDA_R_32I),
+# and cublasComputeType_t's CUBLAS_COMPUTE_32I from cublas_api.h (not every CuPy release
+# exports it; CuPy's gemmEx takes the v11 compute-type path for values >= 64).
 CUDA_R_8I = 3
 CUDA_R_32I = 10
+CUBLAS_COMPUTE_32I = 72
 
 
 def _cublas_tn(plan: TNPlan, bt_p, a_p, c) -> None:
@@ -286,7 +289,7 @@ def _cublas_tn(plan: TNPlan, bt_p, a_p, c) -> None:
                 a_p.data.ptr, CUDA_R_8I, plan.ldb,
                 zero.ctypes.data,
                 c.data.ptr, CUDA_R_32I, plan.ldc,
-                cublas.CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT)
+                CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT)
         else:
             cublas.gemmStridedBatchedEx(
                 handle, op[plan.transa], op[plan.transb], plan.m, plan.n, plan.k,
@@ -295,7 +298,7 @@ def _cublas_tn(plan: TNPlan, bt_p, a_p, c) -> None:
                 a_p.data.ptr, CUDA_R_8I, plan.ldb, plan.stride_b,
                 zero.ctypes.data,
                 c.data.ptr, CUDA_R_32I, plan.ldc, plan.stride_c,
-                plan.batch, cublas.CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT)
+                plan.batch, CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)
 
