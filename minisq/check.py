@@ -361,9 +361,9 @@ def check_int_gemm(name: str, c, a_q, b_q) -> None:
             hint = (f"the difference {d} is a multiple of 2^8 = 256: the products wrapped around in int8; "
                     f"widen a and b to int32 before multiplying")
         elif abs(e) > 2**24:
-            hint = (f"|C| > 2^24 = 16777216, where float32 no longer holds every integer: a float32 sum of "
-                    f"more than 1024 products can round; sum blocks of at most 1024 in float32 and add "
-                    f"the blocks in int32")
+            hint = ("|C| > 2^24 = 16777216, where float32 no longer holds every integer: a float32 sum of "
+                    "more than 1024 products can round; sum blocks of at most 1024 in float32 and add "
+                    "the blocks in int32")
         else:
             hint = "C[i, j] = Σ_k a[i, k] · b[k, j] over every k (check the axes and that no k is skipped)"
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} sums are wrong; first at {_fmt_index(idx)}: "

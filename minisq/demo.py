@@ -13,7 +13,6 @@ synthetic-outlier model (random weights with planted outlier channels).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys

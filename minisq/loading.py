@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import check_device, to_device
+from .backend import check_device
 from .config import ModelConfig, read_config
 from .errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from .model import FLOAT_DTYPES, Model

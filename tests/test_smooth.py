@@ -1,6 +1,5 @@
 """Calibration, smoothing equivalence, the α search and the synthetic-outlier model (issue 4)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
