@@ -28,6 +28,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import CalibrationError
+from .progress import progress as show_progress
 
 _FORMAT = "minisq-calibration-v1"
 
@@ -198,16 +199,9 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
     recorder = _Recorder(keep_samples)
     observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
     n_tokens = 0
-    for ids in _progress(seqs, progress, "calibrating"):
+    for ids in show_progress(seqs, progress, "calibrating"):
         observed(ids)
         n_tokens += ids.size
     return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
                             n_tokens, signature(model))
 
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="batch", leave=False, disable=None)  # disable=None: no bar when not a terminal

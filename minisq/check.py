@@ -19,6 +19,7 @@ import numpy as np
 
 from .backend import to_device, to_numpy
 from .errors import CalibrationError, ConfigError
+from .nn import log_softmax
 
 
 @dataclasses.dataclass
@@ -122,10 +123,7 @@ def logit_error(reference_logits, logits) -> dict:
     """How far quantized logits are from float ones: relative error and mean KL(p_ref || p)."""
     a = np.asarray(to_numpy(reference_logits), np.float64)
     b = np.asarray(to_numpy(logits), np.float64)
-    la = a - a.max(-1, keepdims=True)
-    lb = b - b.max(-1, keepdims=True)
-    la -= np.log(np.exp(la).sum(-1, keepdims=True))
-    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    la, lb = log_softmax(a), log_softmax(b)
     kl = float((np.exp(la) * (la - lb)).sum(-1).mean())
     return dict(rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(a)), kl=kl)
 

@@ -21,14 +21,14 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import InputError
+from .nn import log_softmax
+from .progress import progress
 
 
 def _log_softmax_at(logits, targets) -> np.ndarray:
     # [N, V] float, [N] int -> [N] float64: log p(target)
-    z = np.asarray(to_numpy(logits), dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=-1))
-    return z[np.arange(len(targets)), targets] - lse
+    logp = log_softmax(np.asarray(to_numpy(logits), dtype=np.float64))
+    return logp[np.arange(len(targets)), targets]
 
 
 def _token_ids(model, text_or_ids) -> np.ndarray:
@@ -86,13 +86,8 @@ def perplexity(model, text, seq_len: int | None = None, stride: int | None = Non
     return math.exp(nll / count)
 
 
-def _batches(items, size: int, progress: bool, desc: str):
-    groups = [items[i:i + size] for i in range(0, len(items), size)]
-    if not progress:
-        return groups
-    from tqdm.auto import tqdm
-
-    return tqdm(groups, desc=desc, unit="batch", leave=False, disable=None)  # disable=None: no bar when not a terminal
+def _batches(items, size: int, enabled: bool, desc: str):
+    return progress([items[i:i + size] for i in range(0, len(items), size)], enabled, desc)
 
 
 def lambada_pairs(model, passages) -> list:

@@ -105,6 +105,13 @@ def softmax(x, axis: int = -1, inplace: bool = False):
     return e
 
 
+def log_softmax(x, axis: int = -1):
+    # [..., V] -> [..., V]: log p, computed stably as (x - max) - log Σ exp(x - max)
+    xp = get_array_module(x)
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+
+
 def split_heads(x, n_head: int):
     # [B, T, C] -> [B, H, T, D]
     B, T, C = x.shape
