@@ -160,6 +160,35 @@ def quantize_per_token(x, scale=None):
     return _quantize(xp, x, s), s
 
 
+def quantize_per_sequence(x, mask=None):
+    """Per-tensor dynamic quantization of *each sequence* over its real tokens:
+    ``Δ[b] = max_{t real, c} |x[b, t, c]| / 127``.
+
+    This is what "per-tensor dynamic" means for a batch: the official SmoothQuant code runs
+    one sequence per forward, so its per-tensor scale is one sequence's. Taking the max over
+    the whole ``[B, T, C]`` batch instead would let padding tokens and *other sequences* set
+    each sequence's scale, and a result would depend on what it was batched with. Padding
+    tokens (``mask == 0``) are quantized with their sequence's scale (clipped to ±127) but
+    never set it. ``x`` of 1 or 2 dimensions (``[C]``, ``[T, C]``) is one sequence.
+    """
+    # [..., T, C] float, [..., T] 0/1 or None -> [..., T, C] int8, [..., 1, 1] float ([] for x [T, C])
+    xp, x = _float_input(x)
+    if x.size == 0:
+        raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
+    _check_finite(xp, x)
+    token_max = xp.max(xp.abs(x), axis=-1)                                        # [..., T]
+    if mask is not None:
+        mask = xp.asarray(mask)
+        if mask.shape != x.shape[:-1]:
+            raise ShapeError(f"mask has shape {mask.shape}, expected {x.shape[:-1]} for x {x.shape}")
+        token_max = xp.where(mask > 0, token_max, xp.zeros_like(token_max))
+    if x.ndim < 3:
+        s = dynamic_scale(xp, xp.asarray(xp.max(token_max)))                       # []
+    else:
+        s = dynamic_scale(xp, xp.max(token_max, axis=-1)[..., None, None])        # [..., 1, 1]
+    return _quantize(xp, x, s), s
+
+
 def quantize_per_channel(w, scale=None):
     """One scale per output channel of a ``[C_in, C_out]`` weight: ``Δ[j] = max_k |w[k, j]| / 127``.
 
