@@ -105,7 +105,13 @@ def _static_scale(xp, scale, dtype, shape: tuple, also: tuple = ()):
 
 
 def dynamic_scale(xp, absmax):
-    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal."""
+    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal.
+
+    The official SmoothQuant code guards differently: it clamps max|x| at 1e-5 before
+    dividing by 127, so a tensor whose range is below 1e-5 gets Δ = 1e-5/127 there and
+    Δ = max|x|/127 here (down to float's smallest normal). The two agree on every range
+    ≥ 1e-5, which is all real activations and weights.
+    """
     # [...] float -> [...] float (same dtype)
     s = absmax / QMAX
     return xp.where(s < xp.finfo(s.dtype).tiny, xp.ones_like(s), s)

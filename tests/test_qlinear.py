@@ -235,3 +235,25 @@ def test_quantized_model_on_gpu_matches_cpu(family_model, preset):
     # integer GEMMs are exact on both; float attention/LayerNorm differ by float32 rounding
     np.testing.assert_allclose(to_numpy(on_gpu(ids)), cpu(ids), rtol=0, atol=1e-4)
     np.testing.assert_array_equal(on_gpu.generate(ids[0, :4], 4), cpu.generate(ids[0, :4], 4))
+
+
+def test_each_o3_leaf_scale_is_its_calibrated_input_range_over_127(family_model):
+    family, model, stats = family_model
+    q = minisq.quantize(model, "O3", stats=stats)
+    leaves = {n: leaf for n, leaf in q.linears().items() if isinstance(leaf, W8A8Linear)}
+    assert len(leaves) >= 6
+    for name, leaf in leaves.items():
+        expected = np.float32(stats.input_absmax[name]) / np.float32(127)   # the input's range, not the output's
+        assert float(leaf.x_scale) == float(expected), name
+        assert stats.input_absmax[name] != stats.output_absmax[name]
+
+
+def test_default_skip_is_the_official_layer_set(make_checkpoint):
+    """The official code quantizes decoder-layer linears only: lm_head and opt-350m's
+    project_in/project_out stay float."""
+    model = minisq.load(make_checkpoint("opt", word_embed_proj_dim=16)[0])
+    q = minisq.quantize(model, "O1")
+    for name in ("lm_head", "project_in", "project_out"):
+        assert isinstance(q.linears()[name], Linear), name
+    assert isinstance(q.linears()["layers.0.fc1"], W8A8Linear)
+    assert q.info["quantization"]["skip"] == ["lm_head", "project_in", "project_out"]
