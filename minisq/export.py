@@ -10,6 +10,9 @@ A saved folder holds
   smoothing factors' tensor names;
 * ``tokenizer.json`` when the model has a tokenizer.
 
+A big model written layer by layer (:func:`minisq.quantize_checkpoint`) keeps its arrays in
+several safetensors shards instead, listed under ``"shards"`` in ``minisq.json``.
+
 The float weights are not needed to reload a quantized model, and a reloaded model gives
 bit-identical logits. ``minisq.load(folder)`` recognizes such a folder by its minisq.json.
 """
@@ -129,7 +132,14 @@ def load_saved(folder, device: str = "cpu") -> Model:
         raise CheckpointError(f"{path} is unreadable ({exc}); the saved model looks corrupt, save it again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    tensors = read_safetensors(folder / "model.safetensors")
+    tensors = {}
+    for shard in meta.get("shards", ["model.safetensors"]) if isinstance(meta, dict) else []:
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{path} names the shard {shard!r}, which is not a file in {folder}")
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{folder} lacks {shard}, which {path.name} lists: the saved model is "
+                                  "incomplete (an interrupted copy or run?); save or quantize it again")
+        tensors.update(read_safetensors(folder / shard))
     try:
         config = ModelConfig.from_dict(meta["config"])
         params = _decode(meta["params"], tensors, str(folder))
