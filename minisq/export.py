@@ -28,9 +28,11 @@ import numpy as np
 from .backend import to_numpy
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .model import Model, is_linear_leaf
+from .families import family_for
 from .nn import Linear
 from .qlinear import AttentionQuant, W8A8Linear
+from .tokenizer import load_tokenizer
+from .tree import is_linear_leaf
 
 FORMAT = "minisq-model-v1"
 LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear}
@@ -90,7 +92,7 @@ def _decode(node, tensors: dict, source: str):
     raise CheckpointError(f"{source}: unreadable entry {str(node)[:80]}")
 
 
-def save_model(model: Model, folder) -> Path:
+def save_model(model, folder) -> Path:
     """Write ``model`` (float, smoothed or quantized) to ``folder``; returns the folder."""
     from safetensors.numpy import save_file
 
@@ -101,7 +103,7 @@ def save_model(model: Model, folder) -> Path:
     tensors: dict = {}
     embedding = model._embedding()
     # the embedding first, so that the tied lm_head can refer to it
-    params = {"wte" if "wte" in model.params else "embed_tokens": embedding,
+    params = {family_for(model.config).EMBEDDING: embedding,
               **{k: v for k, v in model.params.items() if v is not embedding}}
     skeleton = _encode(params, "", tensors, embedding)
     info = _encode(model.info, "info", tensors)
@@ -120,8 +122,9 @@ def save_model(model: Model, folder) -> Path:
     return folder
 
 
-def load_saved(folder, device: str = "cpu") -> Model:
-    """Read a folder written by :func:`save_model` (``minisq.load`` calls this)."""
+def load_saved(folder) -> dict:
+    """Read a folder written by :func:`save_model`: the fields of a
+    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them)."""
     from .checkpoint import read_safetensors
 
     folder = Path(folder)
@@ -155,10 +158,8 @@ def load_saved(folder, device: str = "cpu") -> Model:
         attn_quant = AttentionQuant(**fields)
     tokenizer = None
     if meta.get("tokenizer"):
-        from .tokenizer import load_tokenizer
         tokenizer = load_tokenizer(folder, config.model_type)
-    model = Model(config, params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
-    return model.to(device) if device != "cpu" else model
+    return dict(config=config, params=params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
 
 
 def folder_bytes(folder) -> int:

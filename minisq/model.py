@@ -1,4 +1,4 @@
-"""A decoder-only transformer (GPT-2 and OPT) as pure array code over a parameter tree.
+"""A decoder-only transformer as pure array code over a parameter tree.
 
 Legend: B batch, T new tokens, S tokens attended to (past + new), C hidden, H heads,
 D head dim, F MLP width, V vocab, E token-embedding width (= C except opt-350m).
@@ -8,11 +8,14 @@ for GPT-2, ``layers.3.self_attn.q_proj`` for OPT), with one kind of leaf for eve
 layer (see :mod:`minisq.nn`): ``model.linears()`` lists them by dotted name and
 ``model.replace_linears(fn)`` returns a new model with some of them swapped, which is all
 that calibration and quantization need. A model is never changed in place.
+
+What differs between architectures lives in one module per family (:mod:`minisq.families`):
+``Model.forward`` is the family's ``embed``, then its ``block`` for every layer, then its
+``head``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -21,6 +24,8 @@ from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
+from .families import family_for
+from .tree import _map, _map_arrays, _walk, get_param, is_linear_leaf, replace_param  # noqa: F401
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -75,57 +80,6 @@ class KVCache:
         self.length = mask.shape[1]
 
 
-def is_linear_leaf(node) -> bool:
-    """True for the swappable linear leaves of the parameter tree (anything callable that is
-    not a container or array)."""
-    return callable(node) and not isinstance(node, (dict, list, tuple)) and not hasattr(node, "shape")
-
-
-def _walk(node, prefix: str):
-    # yields (dotted name, leaf) for every linear leaf below node
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield from _walk(child, f"{prefix}{key}.")
-    elif isinstance(node, list):
-        for i, child in enumerate(node):
-            yield from _walk(child, f"{prefix}{i}.")
-    elif is_linear_leaf(node):
-        yield prefix[:-1], node
-
-
-def _map(node, fn, prefix: str):
-    # a new tree where every linear leaf is replaced by fn(name, leaf); arrays are shared
-    if isinstance(node, dict):
-        return {key: _map(child, fn, f"{prefix}{key}.") for key, child in node.items()}
-    if isinstance(node, list):
-        return [_map(child, fn, f"{prefix}{i}.") for i, child in enumerate(node)]
-    if is_linear_leaf(node):
-        return fn(prefix[:-1], node)
-    return node
-
-
-def get_param(params, dotted: str):
-    """The node at a dotted name of a parameter tree, e.g. ``get_param(p, "h.0.ln_1")``."""
-    node = params
-    for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
-def replace_param(params, dotted: str, value):
-    """A new tree with the node at ``dotted`` replaced by ``value``. The containers along
-    the path are copied, everything else is shared: the input tree is not changed."""
-    head, _, rest = dotted.partition(".")
-    if isinstance(params, list):
-        out = list(params)
-        i = int(head)
-        out[i] = replace_param(params[i], rest, value) if rest else value
-        return out
-    out = dict(params)
-    out[head] = replace_param(params[head], rest, value) if rest else value
-    return out
-
-
 class Model:
     """A GPT-2 or OPT language model: config + parameter tree (+ tokenizer).
 
@@ -175,8 +129,13 @@ class Model:
     def device(self) -> str:
         return "cpu" if get_array_module(self._embedding()) is np else "gpu"
 
+    @property
+    def family(self):
+        """The module of :mod:`minisq.families` that knows this architecture."""
+        return family_for(self.config.model_type)
+
     def _embedding(self):
-        return self.params["wte"] if self.config.model_type == "gpt2" else self.params["embed_tokens"]
+        return self.params[self.family.EMBEDDING]
 
     def __repr__(self) -> str:
         c = self.config
@@ -209,11 +168,10 @@ class Model:
         bias = nn.attention_bias(mask, T, self.dtype)                     # [B, 1, T, S]
         if cache is None and use_cache:
             cache = KVCache(self.config.num_layers)
-        forward = FORWARDS[self.config.model_type]
         # [B, T]: which of the new tokens are real. Every linear leaf gets it, so that dynamic
         # per-sequence scales and calibration statistics see real tokens only, never padding.
         new_mask = mask[:, -T:]
-        logits = forward(self, ids, positions, bias, new_mask, cache, trace if trace is not None else [])
+        logits = self._layers_forward(ids, positions, bias, new_mask, cache, trace if trace is not None else [])
         if not bool(xp.isfinite(logits).all()):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
@@ -223,6 +181,17 @@ class Model:
         if cache is not None:
             cache.advance(mask)
         return (logits[0] if squeeze else logits), cache
+
+    def _layers_forward(self, ids, positions, bias, m, cache, trace):
+        # [B, T] ids, [B, T] positions, [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, V]:
+        # the family's embed -> every block -> head (the cache is extended in place)
+        family = self.family
+        x = family.embed(self, ids, positions, m)                     # [B, T, C]
+        trace.append(("embeddings", x))
+        for i, layer in enumerate(family.layers(self.params)):
+            x = family.block(self, i, layer, x, bias, m, cache, positions)
+            trace.append((family.LAYER_PREFIX.format(i=i), x))
+        return family.head(self, x, m)                                # [B, T, V]
 
     def _check_inputs(self, input_ids, attention_mask, cache):
         ids = to_numpy(input_ids)
@@ -343,20 +312,6 @@ class Model:
         return self.evolve(params=_map_arrays(self.params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a))
 
 
-def _map_arrays(node, fn):
-    # apply fn to every array of the tree, rebuilding dataclass leaves field by field
-    if isinstance(node, dict):
-        return {k: _map_arrays(v, fn) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_map_arrays(v, fn) for v in node)
-    if hasattr(node, "shape") and hasattr(node, "dtype"):
-        return fn(node)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {f.name: _map_arrays(getattr(node, f.name), fn) for f in dataclasses.fields(node)}
-        return dataclasses.replace(node, **changes)
-    return node
-
-
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
     # [B, V] float64 -> [B] int64: greedy or top-k temperature sampling
     if temperature == 0:
@@ -369,73 +324,3 @@ def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
     p /= p.sum(axis=-1, keepdims=True)
     u = rng.random((z.shape[0], 1))
     return (p.cumsum(axis=-1) < u).sum(axis=-1).clip(max=z.shape[-1] - 1)
-
-
-# --- the two families ---------------------------------------------------------------------
-
-def _self_attention(model, q, k, v, cache, i, bias, scale, mask):
-    # [B, T, C] x3 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, C]
-    H = model.config.num_heads
-    if model.attn_quant is not None:                                   # quantized q, k, v
-        return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
-    q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
-    if cache is not None:
-        k, v = cache.update(i, k, v)                                 # [B, H, S, D]
-    a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
-    return nn.merge_heads(a)
-
-
-def _gpt2_forward(model, ids, positions, bias, m, cache, trace):
-    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
-    cfg, p = model.config, model.params
-    act = nn.ACTIVATION_FNS[cfg.activation]
-    x = p["wte"][ids] + p["wpe"][positions]                          # [B, T, C]
-    trace.append(("embeddings", x))
-    for i, layer in enumerate(p["h"]):
-        scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
-        h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
-        qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
-        q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
-        a = _self_attention(model, q, k, v, cache, i, bias, scale, m)
-        x = x + layer["attn"]["c_proj"](a, m)
-        h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
-        x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside
-        trace.append((f"h.{i}", x))
-    x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
-    return p["lm_head"](x, m)                                         # [B, T, V]
-
-
-def _opt_forward(model, ids, positions, bias, m, cache, trace):
-    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
-    cfg, p = model.config, model.params
-    act = nn.ACTIVATION_FNS[cfg.activation]
-    eps = cfg.layer_norm_eps
-    x = p["embed_tokens"][ids]                                        # [B, T, E]
-    if p["project_in"] is not None:
-        x = p["project_in"](x, m)                                     # [B, T, C]
-    x = x + p["embed_positions"][positions + cfg.position_offset]
-    trace.append(("embeddings", x))
-    pre = cfg.do_layer_norm_before
-    for i, layer in enumerate(p["layers"]):
-        attn = layer["self_attn"]
-        h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
-        a = _self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
-                            cache, i, bias, cfg.head_dim ** -0.5, m)
-        x = x + attn["out_proj"](a, m)
-        if not pre:  # post-LN (opt-350m): normalize after the residual add
-            x = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
-        h = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps) if pre else x
-        x = x + layer["fc2"](act(layer["fc1"](h, m)), m)              # [B, T, F] inside
-        if not pre:
-            x = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps)
-        trace.append((f"layers.{i}", x))
-    if p["final_layer_norm"] is not None:
-        x = nn.layer_norm(x, **p["final_layer_norm"], eps=eps)
-    if p["project_out"] is not None:
-        x = p["project_out"](x, m)                                    # [B, T, E]
-    return p["lm_head"](x, m)                                         # [B, T, V]
-
-
-FORWARDS = {"gpt2": _gpt2_forward, "opt": _opt_forward}
