@@ -229,16 +229,22 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
     """Run ``model`` over ``batches`` (texts, or id arrays ``[T]``/``[B, T]``) and return the
     activation ranges of every linear layer's input (and output).
 
-    Each batch runs on its own, unpadded, so padding never enters the statistics.
+    Each batch runs on its own, unpadded, so padding never enters the statistics. A lazy
+    (memory-mapped) model runs layer-outer: each layer over every batch before the next is
+    read, holding one layer and every batch's activations.
     ``keep_samples`` > 0 also keeps that many input rows per layer.
     """
     seqs = _as_sequences(model, batches)
     recorder = _Recorder(keep_samples)
     observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
-    n_tokens = 0
-    for ids in show_progress(seqs, progress, "calibrating"):
-        observed(ids)
-        n_tokens += ids.size
+    n_tokens = sum(int(ids.size) for ids in seqs)
+    if model.lazy:   # memory-mapped: every layer over every sequence, each layer read once
+        from .stream import forward_layerwise
+        for _ in forward_layerwise(observed, [(ids, None) for ids in seqs], progress, "calibrating"):
+            pass
+    else:
+        for ids in show_progress(seqs, progress, "calibrating"):
+            observed(ids)
     return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
                             n_tokens, signature(model), recorder.out_channel)
 

@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError
 from .families import family_for
 from .nn import Linear
 from .qlinear import AttentionQuant, W8A8Linear
+from .storage import materialize
 from .tokenizer import load_tokenizer
 from .tree import is_linear_leaf
 
@@ -98,6 +99,9 @@ def save_model(model, folder) -> Path:
 
     if model.device != "cpu":
         model = model.to("cpu")
+    if model.stored:   # weights kept as float16/bfloat16 or memory-mapped: written in the compute dtype
+        model = model.evolve(params=materialize(model.params, model.dtype),
+                             info={k: v for k, v in model.info.items() if k != "storage"})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}

@@ -16,6 +16,7 @@ What differs between architectures lives in one module per family (:mod:`minisq.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
 from .families import family_for
+from .storage import is_stored, materialize
 from .tree import _map, _map_arrays, _walk, get_param, is_linear_leaf, replace_param  # noqa: F401
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -80,6 +82,19 @@ class KVCache:
         self.length = mask.shape[1]
 
 
+@dataclasses.dataclass
+class Inputs:
+    """One forward call's inputs, checked: ids/positions/new_mask ``[B, T]``, mask ``[B, S]``
+    (all tokens, cached ones included), bias ``[B, 1, T, S]``."""
+
+    ids: object
+    mask: object
+    positions: object
+    bias: object
+    new_mask: object
+    squeeze: bool
+
+
 class Model:
     """A GPT-2 or OPT language model: config + parameter tree (+ tokenizer).
 
@@ -97,6 +112,7 @@ class Model:
         # Quantized attention (minisq.qlinear.AttentionQuant, set by quantize(..., attn_bmm=...));
         # None = float attention.
         self.attn_quant = attn_quant
+        self._outer = None   # see outer(): the widened non-layer weights of a stored model
 
     # --- the parameter tree -------------------------------------------------------------
     def linears(self) -> dict:
@@ -118,7 +134,40 @@ class Model:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._embedding().dtype)
+        """The compute dtype (float32 for weights kept as float16/bfloat16 or memory-mapped)."""
+        embedding = self._embedding()
+        if is_stored(embedding):
+            return np.dtype(self.info.get("storage", {}).get("compute", "float32"))
+        return np.dtype(embedding.dtype)
+
+    @property
+    def stored(self) -> bool:
+        """True when weights are kept as stored (float16/bfloat16 or memory-mapped) and widened
+        to the compute dtype layer by layer (see :mod:`minisq.storage`)."""
+        return is_stored(self._embedding())
+
+    @property
+    def lazy(self) -> bool:
+        """True for a memory-mapped model (``minisq.load(..., lazy=True)``)."""
+        return bool(self.info.get("storage", {}).get("lazy"))
+
+    def outer(self) -> "Model":
+        """This model with every parameter outside the decoder layers (embeddings, final
+        norm, head) in the compute dtype; the layers stay as stored. The identity for a
+        model whose weights are all arrays already. Kept after the first call."""
+        if not self.stored:
+            return self
+        if self._outer is None:
+            key = self.family.LAYER_PREFIX.split(".")[0]
+            memo: dict = {}
+            params = {k: (v if k == key else materialize(v, self.dtype, memo)) for k, v in self.params.items()}
+            self._outer = self.evolve(params=params)
+        return self._outer
+
+    def layer(self, i: int):
+        """Decoder layer ``i``'s parameters in the compute dtype (widened now if stored)."""
+        layer = self.family.layers(self.params)[i]
+        return materialize(layer, self.dtype) if self.stored else layer
 
     @property
     def xp(self):
@@ -159,39 +208,49 @@ class Model:
         (used by the per-layer equivalence report).
         Returns ``(logits [B, T, V], cache or None)``.
         """
+        inp = self.prepare(input_ids, attention_mask, cache)
+        if cache is None and use_cache:
+            cache = KVCache(self.config.num_layers)
+        logits = self._layers_forward(inp.ids, inp.positions, inp.bias, inp.new_mask, cache,
+                                      trace if trace is not None else [])
+        self.check_logits(logits)
+        if cache is not None:
+            cache.advance(inp.mask)
+        return (logits[0] if inp.squeeze else logits), cache
+
+    def prepare(self, input_ids, attention_mask=None, cache=None) -> "Inputs":
+        """Checked inputs of one forward call and what every layer needs from them."""
         ids, mask, squeeze = self._check_inputs(input_ids, attention_mask, cache)
-        xp = get_array_module(self._embedding())
+        xp = self.xp
         ids, mask = xp.asarray(ids), xp.asarray(mask)
         T = ids.shape[1]
         # Positions count real tokens only, so left padding does not shift them.
         positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0)[:, -T:]   # [B, T]
         bias = nn.attention_bias(mask, T, self.dtype)                     # [B, 1, T, S]
-        if cache is None and use_cache:
-            cache = KVCache(self.config.num_layers)
         # [B, T]: which of the new tokens are real. Every linear leaf gets it, so that dynamic
         # per-sequence scales and calibration statistics see real tokens only, never padding.
-        new_mask = mask[:, -T:]
-        logits = self._layers_forward(ids, positions, bias, new_mask, cache, trace if trace is not None else [])
-        if not bool(xp.isfinite(logits).all()):
+        return Inputs(ids, mask, positions, bias, mask[:, -T:], squeeze)
+
+    def check_logits(self, logits) -> None:
+        """Raise NonFiniteError for NaN/inf logits."""
+        if not bool(self.xp.isfinite(logits).all()):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
                 "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "
                 "the weights and inputs"
             )
-        if cache is not None:
-            cache.advance(mask)
-        return (logits[0] if squeeze else logits), cache
 
     def _layers_forward(self, ids, positions, bias, m, cache, trace):
         # [B, T] ids, [B, T] positions, [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, V]:
         # the family's embed -> every block -> head (the cache is extended in place)
-        family = self.family
-        x = family.embed(self, ids, positions, m)                     # [B, T, C]
+        # Weights kept as stored (float16/bfloat16, memory-mapped) are widened one layer at a time.
+        family, outer = self.family, self.outer()
+        x = family.embed(outer, ids, positions, m)                    # [B, T, C]
         trace.append(("embeddings", x))
-        for i, layer in enumerate(family.layers(self.params)):
-            x = family.block(self, i, layer, x, bias, m, cache, positions)
+        for i in range(self.config.num_layers):
+            x = family.block(outer, i, self.layer(i), x, bias, m, cache, positions)
             trace.append((family.LAYER_PREFIX.format(i=i), x))
-        return family.head(self, x, m)                                # [B, T, V]
+        return family.head(outer, x, m)                               # [B, T, V]
 
     def _check_inputs(self, input_ids, attention_mask, cache):
         ids = to_numpy(input_ids)
@@ -301,15 +360,22 @@ class Model:
     # --- conversions --------------------------------------------------------------------
     def to(self, device: str) -> "Model":
         """The same model with every array on 'cpu' (NumPy) or 'gpu' (CuPy)."""
+        if self.stored and device != "cpu":
+            raise ConfigError("this model keeps its weights as stored (float16/bfloat16 or memory-mapped), "
+                              "which runs on the CPU: model.astype('float32').to('gpu') widens them first")
         fn = lambda a: to_device(a, device)  # noqa: E731
         return self.evolve(params=_map_arrays(self.params, fn), attn_quant=_map_arrays(self.attn_quant, fn))
 
     def astype(self, dtype) -> "Model":
-        """The same float model in another float dtype (float32 or float64 for equivalence checks)."""
+        """The same float model in another float dtype (float32 or float64 for equivalence
+        checks). Weights kept as stored are all widened: the result holds them in memory."""
         dtype = np.dtype(dtype)
         if dtype.name not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        return self.evolve(params=_map_arrays(self.params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a))
+        params = materialize(self.params, dtype) if self.stored else self.params
+        info = {k: v for k, v in self.info.items() if k != "storage"}
+        return self.evolve(params=_map_arrays(params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a),
+                           info=info)
 
 
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:

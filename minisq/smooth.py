@@ -102,7 +102,12 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     """
     if model.info.get("quantization"):
         raise ConfigError("smooth the float model, then quantize it (this model is already quantized)")
+    if model.lazy:
+        raise ConfigError("a lazy (memory-mapped) model is smoothed layer by layer by minisq.quantize_checkpoint; "
+                          "to smooth it in memory, load it with lazy=False")
     stats.check_matches(model)
+    if model.stored:   # float16/bfloat16 weights: smooth in the compute dtype (exact, and held in memory)
+        model = model.astype(model.dtype).evolve(info=model.info)
     params = model.params
     factors = {}
     for m in mappings_for(model.config, groups):
