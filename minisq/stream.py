@@ -138,6 +138,7 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
             bar.set_postfix(tokens_per_s=f"{(2 if smooth else 1) * n_tokens / (time.perf_counter() - t0):.0f}")
     run.finish(src)
     _write_json(dst / RUN_FILE, {"key": key, "layers_done": model.config.num_layers, "finished": True})
+    run.clean_up()
     return dst
 
 
@@ -307,8 +308,8 @@ class _Run:
 
     # --- the end ----------------------------------------------------------------------------
     def finish(self, src) -> None:
-        """Write the parameters outside the layers, the metadata and the tokenizer; drop the
-        carried activations. ``minisq.json`` is written last: a folder without it is no model."""
+        """Write the parameters outside the layers, the tokenizer and, last, ``minisq.json``
+        (a folder without it is no model). Run again after a kill, it writes the same."""
         from .checkpoint import read_safetensors
         from .export import FORMAT as MODEL_FORMAT
         from .export import _encode
@@ -361,9 +362,9 @@ class _Run:
                     attn_quant=attn, tokenizer=model.tokenizer is not None, shards=shards)
         if model.tokenizer is not None:
             model.tokenizer.bpe.save(str(self.dst / "tokenizer.json"))
-        for i in range(L):
-            (self.dst / f"layer-{i:05d}.json").unlink()
-        carry = self.dst / f"carry-{L - 1:05d}.safetensors"
-        if carry.exists():
-            carry.unlink()
         _write_json(self.dst / "minisq.json", meta)
+
+    def clean_up(self) -> None:
+        """After the run is marked finished: drop the per-layer notes and the last carry."""
+        for path in list(self.dst.glob("layer-*.json")) + list(self.dst.glob("carry-*.safetensors")):
+            path.unlink()
