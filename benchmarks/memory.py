@@ -45,7 +45,7 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     C, F, V, P = OPT_6_7B["hidden_size"], OPT_6_7B["ffn_dim"], OPT_6_7B["vocab_size"], OPT_6_7B["max_position_embeddings"]
     rng = np.random.default_rng(seed)
-    pool = (rng.standard_normal(F * C + 4096) * 0.02).astype(np.float16)     # [F*C + slack]
+    pool = (rng.standard_normal(max(F, V) * C + 4096) * 0.02).astype(np.float16)   # [V*C + slack]
 
     def rand(*shape):
         n = int(np.prod(shape))
