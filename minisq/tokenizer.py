@@ -188,15 +188,15 @@ def _complete_special_tokens(folder: Path, bpe: tokenizers.Tokenizer, special: S
         token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
         return None if not isinstance(token_id, int) else bpe.id_to_token(token_id)
 
-    bos = special.bos if special.bos is not None else name_of("bos_token_id")
-    eos = special.eos if special.eos is not None else name_of("eos_token_id")
-    add_bos = special.add_bos
+    add_bos, prepended = special.add_bos, None
+    plain = bpe.encode("a", add_special_tokens=False).ids
+    full = bpe.encode("a", add_special_tokens=True).ids
+    if len(full) > len(plain) and full[1:len(plain) + 1] == plain:
+        prepended = bpe.id_to_token(full[0])           # what transformers prepends for this file
     if add_bos is None:
-        plain = bpe.encode("a", add_special_tokens=False).ids
-        full = bpe.encode("a", add_special_tokens=True).ids
-        add_bos = len(full) > len(plain) and full[1:len(plain) + 1] == plain
-        if add_bos and bos is None:
-            bos = bpe.id_to_token(full[0])
+        add_bos = prepended is not None
+    bos = special.bos if special.bos is not None else (prepended or name_of("bos_token_id"))
+    eos = special.eos if special.eos is not None else name_of("eos_token_id")
     if eos is None:
         raise CheckpointError(f"no EOS token found for the tokenizer in {folder}: tokenizer_config.json, "
                               "generation_config.json and config.json name none")
