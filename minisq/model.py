@@ -80,7 +80,7 @@ class KVCache:
 
 
 class Model:
-    """A GPT-2 or OPT language model: config + parameter tree (+ tokenizer).
+    """A language model of any family in :mod:`minisq.families`: config + parameter tree (+ tokenizer).
 
     ``model(input_ids, attention_mask=None)`` gives logits ``[B, T, V]`` (or ``[T, V]``
     for ``[T]`` ids). ``info`` records what was done to the model (smoothing, quantization)
