@@ -499,3 +499,33 @@ def test_untied_checkpoint_without_lm_head_is_a_clear_error(checkpoints, tmp_pat
     save_file(state, folder / "model.safetensors")
     with pytest.raises(minisq.CheckpointError, match="lm_head.weight"):
         minisq.load(folder)
+
+
+def test_sentencepiece_converted_tokenizer_json_matches_transformers(tmp_path):
+    # Llama 2 / TinyLlama ship a SentencePiece model converted by transformers: "▁" for spaces
+    # (prepended to the text), <0xNN> byte-fallback tokens in the vocabulary, and "<s>" added
+    # because tokenizer_config.json says add_bos_token.
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for ch in sorted(set("▁Thequickbrownfoxjumpsoverlazydg")):
+        vocab.setdefault(ch, len(vocab))
+    merges = [("▁", "T"), ("▁T", "h"), ("▁Th", "e"), ("o", "x"), ("▁", "f"), ("▁f", "ox"), ("q", "u")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    ours = minisq.tokenizer.load_tokenizer(tmp_path, "llama")
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert ours.add_bos and ours.bos_id == 1 and ours.eos_id == 2
+    for text in ("The quick brown fox", "The fox jumps", "ünï ✓"):             # the last falls back to bytes
+        assert ours.encode(text) == [1, *theirs.encode(text, add_special_tokens=False)]
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode("The fox") == [1, vocab["▁The"], vocab["▁fox"]]
+    assert ours.encode("✓") == [1, vocab["▁"], *(3 + b for b in "✓".encode())]   # three UTF-8 bytes
