@@ -272,7 +272,8 @@ def test_smoothing_is_an_equivalence_in_float64(float64_llamas, family, groups):
         f = np.asarray(s["layers.0.self_attn.v_proj"])
         G, D, H = model.config.kv_heads, model.config.head_dim, model.config.num_heads
         assert f.shape == (H * D,)
-        np.testing.assert_array_equal(f.reshape(G, H // G, D), np.broadcast_to(f.reshape(G, H // G, D)[:, :1], (G, H // G, D)))
+        per_head = f.reshape(G, H // G, D)
+        np.testing.assert_array_equal(per_head, np.broadcast_to(per_head[:, :1], per_head.shape))
 
 
 def official_llama_smoothquant(hf, calib_ids, alpha, ids):
@@ -432,7 +433,8 @@ def _byte_level_bpe_with_bos(folder, bos="<|begin_of_text|>", eos="<|end_of_text
 def test_byte_level_bpe_with_bos_matches_transformers(tmp_path):
     _byte_level_bpe_with_bos(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
     ours = minisq.tokenizer.load_tokenizer(tmp_path, "llama")
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     assert ours.add_bos and ours.bos_id == 0 and ours.eos_id == 1

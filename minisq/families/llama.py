@@ -220,7 +220,9 @@ def _llama3_frequencies(inv, rope: dict):
 
 
 def rotary_tables(config: ModelConfig, positions, dtype):
-    # [B, T] positions -> cos, sin [B, T, 1, D] in dtype (the same for every head)
+    # [B, T] positions -> cos, sin [B, T, 1, D] in dtype (the same for every head). The angles are
+    # float32 products as in transformers; cos and sin are taken in the model's dtype (transformers
+    # takes them in float32 even for a float64 model, a ~1e-7 difference the float64 tests patch out)
     xp = get_array_module(positions)
     seq_len = int(positions.max()) + 1 if positions.size else 0
     inv = xp.asarray(inverse_frequencies(config.rope, config.head_dim, seq_len))       # [D/2] float32
@@ -326,6 +328,11 @@ def default_groups(config) -> tuple:
 
 
 # --- attention's q, k, v: (leaf, part, parts) — each projection's whole output ------------------------
+# Quantized attention (quantize(..., attn_bmm=...)) quantizes q and k *after* RoPE, so that Q·Kᵀ
+# is a real INT8 BMM; the official fake-quant code quantizes the projection outputs before RoPE
+# (its Llama path has no INT8 BMM). Under GQA the quantized path repeats k and v to H heads first
+# (per-token, per-sequence and static ranges are unchanged by repeating), so its KV cache holds H
+# heads; the float path's cache holds only the G kv heads.
 
 QKV_OUTPUTS = (("layers.{i}.self_attn.q_proj", 0, 1), ("layers.{i}.self_attn.k_proj", 0, 1),
                ("layers.{i}.self_attn.v_proj", 0, 1))
