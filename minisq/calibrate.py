@@ -61,7 +61,8 @@ class CalibrationStats:
         """Calibrated ``(max|q|, max|k|, max|v|)`` of layer ``layer``'s q, k, v projection
         outputs, read from ``QKV_OUTPUTS`` (which leaf, which part of its output)."""
         out = []
-        for template, part, parts in family_for(model.config).QKV_OUTPUTS:
+        family = family_for(model.config)
+        for which, (template, part, parts) in enumerate(family.QKV_OUTPUTS):
             name = template.format(i=layer)
             ch = self.output_channel_absmax.get(name)
             if ch is None:
@@ -70,7 +71,7 @@ class CalibrationStats:
                     "minisq?): recalibrate with minisq.calibrate to use static attention scales"
                 )
             width = len(ch) // parts
-            out.append(float(ch[part * width:(part + 1) * width].max()))
+            out.append(family.attention_input_absmax(model.config, which, ch[part * width:(part + 1) * width]))
         return tuple(out)
 
     def check_matches(self, model) -> None:

@@ -23,10 +23,11 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of a GPT-2 or OPT checkpoint.
+    """The architecture of a checkpoint of any supported family.
 
     Defaults are GPT-2 small's. ``position_offset`` is 2 for OPT, whose learned position
-    table has two extra leading rows (a fairseq legacy), and 0 for GPT-2.
+    table has two extra leading rows (a fairseq legacy), and 0 for GPT-2. The Llama-family
+    switches (Llama, Mistral, Qwen2) default to "absent", so GPT-2/OPT configs ignore them.
     """
 
     model_type: str = "gpt2"
@@ -49,16 +50,29 @@ class ModelConfig:
     layer_norm_elementwise_affine: bool = True
     remove_final_layer_norm: bool = False
     position_offset: int = 0
+    # Llama-family switches (llama, mistral, qwen2)
+    num_kv_heads: int | None = None                 # G: key/value heads (GQA: G < H; MQA: G = 1); None = H
+    head_size: int | None = None                    # D when config.json sets head_dim != C // H
+    rope: dict | None = None                        # rotary embedding: {"rope_type", "rope_theta", ...}
+    qkv_bias: bool = False                          # q, k, v projections have biases (Qwen2)
+    o_bias: bool = False                            # o_proj has a bias (Llama attention_bias=True)
+    mlp_bias: bool = False                          # gate, up, down have biases
+    sliding_window: int | None = None               # Mistral: a query sees at most this many keys
+    tie_word_embeddings: bool = True                # lm_head is the token embedding (else read from the file)
     # tokens
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list | None = None           # a list when several tokens end text (Llama 3)
     pad_token_id: int | None = None
     # A label shown everywhere the model is printed; "synthetic" models say so here.
     name: str = ""
 
     @property
     def head_dim(self) -> int:       # D
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:       # G: heads of k and v (= H without grouped-query attention)
+        return self.num_kv_heads or self.num_heads
 
     @property
     def embed_dim(self) -> int:      # width of the token embedding (= C except opt-350m)

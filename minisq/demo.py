@@ -1,6 +1,6 @@
 """``python -m minisq.demo``: the SmoothQuant story on one model, in one command.
 
-Loads a model (default ``gpt2``; any GPT-2/OPT hub id or local folder, or ``synthetic``),
+Loads a model (default ``gpt2``; any GPT-2/OPT/Llama-family hub id or local folder, or ``synthetic``),
 calibrates it on WikiText-2 text, smooths it, and evaluates the float model against W8A8
 variants with and without smoothing. Prints one table (perplexity, LAMBADA accuracy,
 weight memory, time), writes figures and a JSON/Markdown report to ``--out``, and ends
@@ -47,10 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Examples:\n"
                "  python -m minisq.demo                      # GPT-2 small (downloads ~500 MB once)\n"
                "  python -m minisq.demo --model facebook/opt-125m --alpha 0.5\n"
+               "  python -m minisq.demo --model HuggingFaceTB/SmolLM-135M   # a Llama\n"
                "  python -m minisq.demo --model synthetic --quick   # offline, under a minute\n"
                "  python -m minisq.demo --model ./my-gpt2-folder --device gpu\n")
     ap.add_argument("--model", default=None,
-                    help=f"hub id (gpt2, gpt2-medium, facebook/opt-125m, ...), a local HF folder, or 'synthetic' "
+                    help=f"hub id (gpt2, gpt2-medium, facebook/opt-125m, HuggingFaceTB/SmolLM-135M, ...), a local HF folder, or 'synthetic' "
                          f"(default: {DEFAULT_MODEL}; falls back to synthetic when it cannot be downloaded)")
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength α in [0, 1] (default 0.5)")
     ap.add_argument("--calib-samples", type=int, default=None,

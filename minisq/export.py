@@ -8,7 +8,7 @@ A saved folder holds
 * ``minisq.json``: what it is — the config, the tree's skeleton (which leaf is float and
   which W8A8, with its activation granularity and path), the preset and α used, and the
   smoothing factors' tensor names;
-* ``tokenizer.json`` when the model has a tokenizer.
+* ``tokenizer.json`` and ``tokenizer_config.json`` (its special tokens) when the model has a tokenizer.
 
 A big model written layer by layer (:func:`minisq.quantize_checkpoint`) keeps its arrays in
 several safetensors shards instead, listed under ``"shards"`` in ``minisq.json``.
@@ -123,6 +123,10 @@ def save_model(model, folder) -> Path:
     (folder / "minisq.json").write_text(json.dumps(meta, indent=1))
     if model.tokenizer is not None:
         model.tokenizer.bpe.save(str(folder / "tokenizer.json"))
+        special = model.tokenizer.special     # what the tokenizer was loaded with, as transformers writes it
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
+             "add_bos_token": special.add_bos}, indent=1))
     return folder
 
 

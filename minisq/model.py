@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 
-from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
@@ -96,7 +95,7 @@ class Inputs:
 
 
 class Model:
-    """A GPT-2 or OPT language model: config + parameter tree (+ tokenizer).
+    """A language model of any family in :mod:`minisq.families`: config + parameter tree (+ tokenizer).
 
     ``model(input_ids, attention_mask=None)`` gives logits ``[B, T, V]`` (or ``[T, V]``
     for ``[T]`` ids). ``info`` records what was done to the model (smoothing, quantization)
@@ -226,7 +225,7 @@ class Model:
         T = ids.shape[1]
         # Positions count real tokens only, so left padding does not shift them.
         positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0)[:, -T:]   # [B, T]
-        bias = nn.attention_bias(mask, T, self.dtype)                     # [B, 1, T, S]
+        bias = self.family.attention_bias(self.config, mask, T, self.dtype)   # [B, 1, T, S]
         # [B, T]: which of the new tokens are real. Every linear leaf gets it, so that dynamic
         # per-sequence scales and calibration statistics see real tokens only, never padding.
         return Inputs(ids, mask, positions, bias, mask[:, -T:], squeeze)
@@ -333,16 +332,17 @@ class Model:
         rng = np.random.default_rng(seed)
         ids = np.asarray(ids)
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        eos = self.config.eos_token_id
+        eos = self.config.eos_token_id                # an id, or a list of ids (Llama 3), or None
+        eos_ids = None if eos is None else np.atleast_1d(np.asarray(eos, np.int64))
         done = np.zeros(ids.shape[0], dtype=bool)
         cache = KVCache(self.config.num_layers, reserve=ids.shape[1] + max_new_tokens)
         logits, cache = self.forward(ids, mask, cache=cache)
         out = [ids]
         for step in range(max_new_tokens):
             nxt = _pick(to_numpy(logits[:, -1, :vocab_limit]).astype(np.float64), temperature, top_k, rng)  # [B]
-            if stop_at_eos and eos is not None:
-                nxt = np.where(done, eos, nxt)
-                done |= nxt == eos
+            if stop_at_eos and eos_ids is not None:
+                nxt = np.where(done, eos_ids[0], nxt)        # finished rows repeat an EOS
+                done |= np.isin(nxt, eos_ids)
             out.append(nxt[:, None])
             if step == max_new_tokens - 1 or (stop_at_eos and done.all()):
                 break

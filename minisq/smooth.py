@@ -112,17 +112,38 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     factors = {}
     for m in mappings_for(model.config, groups):
         a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
-        s = smoothing_factors(stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets), a)
+        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets)
+        s = _factors(model.config, params, m, act_max, w_max, a)
         factors[m.source] = s
-        params = apply_smoothing(params, m, s)
+        params = apply_smoothing(params, m, s, model.config.head_dim)
     info = dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(
         groups if groups != "all" else [m.group for m in SMOOTHING_TABLE[model.config.model_type]]),
         factors=factors)
     return model.evolve(params=params, info={**model.info, "smoothing": info})
 
 
-def apply_smoothing(params, mapping: Mapping, s) -> dict:
-    """A new parameter tree with ``mapping``'s source divided by s and targets' rows times s."""
+def _factors(config, params, mapping: Mapping, act_max, w_max, alpha: float):
+    """Eq. 4 for one mapping: ``[C_in]`` factors of the targets' input channels.
+
+    Under grouped-query attention (``v_proj -> o_proj`` with G < H heads) v_proj has G·D
+    output channels and o_proj H·D input channels: o_proj's channel (h, d) reads kv channel
+    (h // (H/G), d). One factor per kv channel is computed from the ranges of all the
+    channels that read it (their max), and repeated for each of them.
+    """
+    if mapping.kind != "linear" or _float_leaf(params, mapping.source).out_features == len(act_max):
+        return smoothing_factors(act_max, w_max, alpha)
+    G, D = config.kv_heads, config.head_dim
+    rep = config.num_heads // G                     # query heads per kv head
+    group = lambda a: np.asarray(to_numpy(a)).reshape(G, rep, D).max(axis=1).reshape(-1)  # noqa: E731
+    s = smoothing_factors(group(act_max), group(w_max), alpha)                             # [G*D]
+    return np.broadcast_to(s.reshape(G, 1, D), (G, rep, D)).reshape(-1)                   # [H*D]
+
+
+def apply_smoothing(params, mapping: Mapping, s, head_dim: int | None = None) -> dict:
+    """A new parameter tree with ``mapping``'s source divided by s and targets' rows times s.
+
+    A source narrower than its targets (v_proj under GQA) is divided by one factor per kv
+    channel (``head_dim`` D is needed to find them in s)."""
     xp = get_array_module(_float_leaf(params, mapping.targets[0]).w)
     dtype = _float_leaf(params, mapping.targets[0]).w.dtype
     s = xp.asarray(s, dtype=dtype)                                     # [C_in]
@@ -132,14 +153,23 @@ def apply_smoothing(params, mapping: Mapping, s) -> dict:
         g = ln["g"] if ln["g"] is not None else xp.ones(C, dtype)      # no affine: materialize g=1, b=0
         b = ln["b"] if ln["b"] is not None else xp.zeros(C, dtype)
         params = replace_param(params, mapping.source, {"g": g / s, "b": b / s})
+    elif mapping.kind == "rmsnorm":                                    # a gain only
+        params = replace_param(params, mapping.source, {"g": get_param(params, mapping.source)["g"] / s})
     else:
         src = _float_leaf(params, mapping.source)                      # its output columns are our channels
+        s_src = s if src.out_features == s.shape[0] else _kv_factors(s, src.out_features, head_dim)
         params = replace_param(params, mapping.source,
-                      Linear(src.w / s, None if src.b is None else src.b / s))
+                      Linear(src.w / s_src, None if src.b is None else src.b / s_src))
     for t in mapping.targets:
         leaf = _float_leaf(params, t)
         params = replace_param(params, t, Linear(leaf.w * s[:, None], leaf.b))  # rows (input channels) times s
     return params
+
+
+def _kv_factors(s, n_kv: int, head_dim: int):
+    # [H*D] factors, repeated per kv channel by _factors -> [G*D] (n_kv = G*D), one per kv channel
+    G = n_kv // head_dim
+    return s.reshape(G, -1, head_dim)[:, 0].reshape(-1)
 
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # 0, 0.05, ..., 1
@@ -189,7 +219,7 @@ def search_alpha(model, stats, grid=ALPHA_GRID, preset: str = "O1", groups=DEFAU
         w_max = np.max(np.stack([np.abs(W).max(axis=1) for W in Ws]), axis=0)
         errors[m.source] = {}
         for a in grid:
-            s = smoothing_factors(stats.channel_absmax[m.targets[0]], w_max, a)
+            s = _factors(model.config, model.params, m, stats.channel_absmax[m.targets[0]], w_max, a)
             Xs = X / s
             num = den = 0.0
             for W, b, Y in zip(Ws, bs, Ys):

@@ -39,7 +39,7 @@ class Tokenizer:
         self.bpe = bpe  # the tokenizers.Tokenizer doing the work; kept public for inspection
         self.special = special
         self.add_bos = special.add_bos
-        self.bos_id = _token_id(bpe, special.bos, folder)
+        self.bos_id = None if special.bos is None else _token_id(bpe, special.bos, folder)
         self.eos_id = _token_id(bpe, special.eos, folder)
         self.pad_id = None if special.pad is None else _token_id(bpe, special.pad, folder)
 
@@ -87,14 +87,17 @@ class Tokenizer:
 
 
 def load_tokenizer(folder, model_type: str) -> Tokenizer:
-    """The tokenizer of a GPT-2 ("gpt2") or OPT ("opt") checkpoint folder.
+    """The tokenizer of a checkpoint folder of ``model_type`` ("gpt2", "opt", "llama", ...).
 
-    Reads ``tokenizer.json`` when present, else builds the byte-level BPE from
+    Reads ``tokenizer.json`` when present (byte-level BPE, or a SentencePiece model converted
+    by transformers, as Llama 2 / TinyLlama ship), else builds the byte-level BPE from
     ``vocab.json`` + ``merges.txt``. ``tokenizer_config.json``, when present, may override
-    the special tokens and ``add_bos_token``.
+    the special tokens and ``add_bos_token``; what neither the family nor it says is read
+    from ``generation_config.json`` and tokenizer.json's post-processor.
     """
     if model_type not in SPECIAL_TOKENS:
         raise ConfigError(f"unknown model_type {model_type!r}; expected one of {sorted(SPECIAL_TOKENS)}")
+    # (a Llama-family SPECIAL_TOKENS is all None: read from tokenizer_config.json, else below)
     folder = Path(folder)
     special = _read_special_tokens(folder, SPECIAL_TOKENS[model_type])
     if (folder / "tokenizer.json").is_file():
@@ -105,6 +108,7 @@ def load_tokenizer(folder, model_type: str) -> Tokenizer:
         raise CheckpointError(
             f"no tokenizer in {folder}: looked for tokenizer.json, or vocab.json and merges.txt"
         )
+    special = _complete_special_tokens(folder, bpe, special)
     # Mark the special tokens so that decode can skip them and encode matches them whole
     # in text (HF does both). They are already in the vocabulary, so no id changes.
     names = dict.fromkeys(t for t in (special.bos, special.eos, special.pad) if t is not None)
@@ -156,15 +160,59 @@ def _read_special_tokens(folder: Path, default: SpecialTokens) -> SpecialTokens:
         # HF writes a token either as "</s>" or as an AddedToken dict {"content": "</s>", ...}.
         return value.get("content") if isinstance(value, dict) else value
 
+    add_bos = config.get("add_bos_token", default.add_bos)
     special = SpecialTokens(
         bos=token("bos_token", default.bos),
         eos=token("eos_token", default.eos),
         pad=token("pad_token", default.pad),
-        add_bos=bool(config.get("add_bos_token", default.add_bos)),
+        add_bos=None if add_bos is None else bool(add_bos),
     )
-    if special.bos is None or special.eos is None:
+    if (default.bos is not None and special.bos is None) or (default.eos is not None and special.eos is None):
         raise CheckpointError(f"{path} sets no bos_token or eos_token; minisq needs both")
     return special
+
+
+def _complete_special_tokens(folder: Path, bpe: tokenizers.Tokenizer, special: SpecialTokens) -> SpecialTokens:
+    """Fill what the family leaves to the files (None; the Llama family): BOS/EOS from
+    ``generation_config.json`` (or ``config.json``) token ids, and ``add_bos`` from what
+    tokenizer.json's post-processor prepends — the BOS transformers adds for this file."""
+    if None not in (special.bos, special.eos, special.add_bos):
+        return special
+    ids = {}
+    for name in ("config.json", "generation_config.json"):          # the later file wins
+        ids.update({k: v for k, v in _read_json_object(folder / name).items()
+                    if k in ("bos_token_id", "eos_token_id") and v is not None})
+
+    def name_of(key: str):
+        token_id = ids.get(key)
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+        return None if not isinstance(token_id, int) else bpe.id_to_token(token_id)
+
+    add_bos, prepended = special.add_bos, None
+    plain = bpe.encode("a", add_special_tokens=False).ids
+    full = bpe.encode("a", add_special_tokens=True).ids
+    if len(full) > len(plain) and full[1:len(plain) + 1] == plain:
+        prepended = bpe.id_to_token(full[0])           # what transformers prepends for this file
+    if add_bos is None:
+        add_bos = prepended is not None
+    bos = special.bos if special.bos is not None else (prepended or name_of("bos_token_id"))
+    eos = special.eos if special.eos is not None else name_of("eos_token_id")
+    if eos is None:
+        raise CheckpointError(f"no EOS token found for the tokenizer in {folder}: tokenizer_config.json, "
+                              "generation_config.json and config.json name none")
+    if add_bos and bos is None:
+        raise CheckpointError(f"the tokenizer in {folder} should prepend a BOS token but none is named")
+    return SpecialTokens(bos=bos, eos=eos, pad=special.pad, add_bos=bool(add_bos))
+
+
+def _read_json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return value if isinstance(value, dict) else {}
 
 
 def _token_id(bpe: tokenizers.Tokenizer, name: str, folder: Path) -> int:

@@ -35,7 +35,7 @@ SHARED["MODEL"] = r'''
 %% code
 # The one line to change. "synthetic" runs anywhere in seconds; for a real model give a
 # Hugging Face hub id (downloaded once into the HF cache) or a local checkpoint folder.
-MODEL = "synthetic"  # or "gpt2", "facebook/opt-125m", or a local folder
+MODEL = "synthetic"  # or "gpt2", "facebook/opt-125m", "HuggingFaceTB/SmolLM-135M" (a Llama), or a local folder
 '''
 
 SHARED["SETUP"] = r'''
@@ -58,7 +58,7 @@ if MODEL == "synthetic":
                                 ffn_dim=512, max_positions=128)
     model = minisq.synthetic_model(config, outlier_scale=60)
 else:
-    model = minisq.load(MODEL)  # float32 GPT-2 / OPT
+    model = minisq.load(MODEL)  # float32 GPT-2 / OPT / Llama-family
 SYNTHETIC = model.config.is_synthetic
 NAME = (model.config.name or MODEL) + (" [SYNTHETIC random weights]" if SYNTHETIC else "")
 DATA = data_dir()  # the folder named by $MINISQ_DATA_DIR (WikiText-2, LAMBADA), or None

@@ -19,6 +19,9 @@ The forward pass, in pieces a layer-outer (streamed) driver can call one at a ti
 
 ``embed(model, ids, positions, mask) -> x [B, T, C]``
     ``ids``/``positions``/``mask`` ``[B, T]``; ``mask`` marks real tokens (1) and padding (0).
+``attention_bias(config, mask, T, dtype) -> bias [B, 1, T, S]``
+    the additive attention mask from the ``[B, S]`` real-token mask of all S tokens (causal
+    and padding; Mistral also its sliding window), computed once and given to every block.
 ``layers(params) -> list``
     the per-layer parameter dicts; ``LAYER_PREFIX.format(i=i)`` is layer i's dotted name
     (``h.{i}``, ``layers.{i}``), the prefix of every tensor and leaf in it.
@@ -37,9 +40,10 @@ Smoothing, calibration, tokenizer and synthetic model:
     its rows of the smoothing table (:class:`~minisq.families.base.Mapping`, each with its
     reason), the places that look smoothable but are not (and why), and which rows a given
     config can use.
-``QKV_OUTPUTS``
+``QKV_OUTPUTS``, ``attention_input_absmax(config, which, channel_absmax)``
     ``(leaf, part, parts)`` for q, k, v: the output of ``leaf`` cut into ``parts`` equal
-    pieces along C_out, piece ``part`` (static attention scales are read from them).
+    pieces along C_out, piece ``part``; and the static range of attention's q/k/v input from
+    that piece's calibrated per-channel ranges (its max, or a bound when RoPE rotates first).
 ``SPECIAL_TOKENS``
     the :class:`~minisq.families.base.SpecialTokens` defaults of its tokenizer files.
 ``synthetic_config(config)``, ``synthetic_state_dict(config, normal, gain, bias, final_gain)``
@@ -58,10 +62,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from . import gpt2, opt
+from . import gpt2, llama, opt
 
 # model_type -> family module
-FAMILIES = {model_type: family for family in (gpt2, opt) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (gpt2, opt, llama) for model_type in family.MODEL_TYPES}
 
 
 def family_for(model_type: str, source: str = ""):

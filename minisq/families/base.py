@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import nn
+from ..backend import get_array_module
 from ..errors import CheckpointError, NonFiniteError, ShapeError
 from ..storage import StoredTensor
 from ..nn import Linear
@@ -119,13 +120,34 @@ def _lm_head(take: _Taker, key: str, embedding, V: int, C: int) -> Linear:
 
 # --- attention, shared by every block -------------------------------------------------------
 
-def _self_attention(model, q, k, v, cache, i, bias, scale, mask):
-    # [B, T, C] x3 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, C]
+def _self_attention(model, q, k, v, cache, i, bias, scale, mask, kv_heads=None):
+    # [B, T, H*D], [B, T, G*D] x2 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, H*D]
+    # G = kv_heads (grouped-query attention: each k/v head serves H/G query heads); None: G = H
     H = model.config.num_heads
+    G = kv_heads or H
     if model.attn_quant is not None:                                   # quantized q, k, v
+        if G != H:   # per-token / per-sequence / static ranges are unchanged by repeating heads
+            k, v = repeat_kv_flat(k, G, H // G), repeat_kv_flat(v, G, H // G)
         return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
-    q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
+    q, k, v = nn.split_heads(q, H), nn.split_heads(k, G), nn.split_heads(v, G)
     if cache is not None:
-        k, v = cache.update(i, k, v)                                 # [B, H, S, D]
+        k, v = cache.update(i, k, v)                                 # [B, G, S, D]: only the kv heads
+    if G != H:
+        k, v = repeat_kv(k, H // G), repeat_kv(v, H // G)             # [B, H, S, D]
     a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
     return nn.merge_heads(a)
+
+
+def repeat_kv(x, n_rep: int):
+    # [B, G, S, D] -> [B, G * n_rep, S, D]: kv head j serves query heads j*n_rep ... j*n_rep + n_rep - 1
+    B, G, S, D = x.shape
+    xp = get_array_module(x)
+    return xp.broadcast_to(x[:, :, None], (B, G, n_rep, S, D)).reshape(B, G * n_rep, S, D)
+
+
+def repeat_kv_flat(x, G: int, n_rep: int):
+    # [B, T, G*D] -> [B, T, G*n_rep*D]: the same head order as repeat_kv, before the heads are split
+    B, T, GD = x.shape
+    D = GD // G
+    xp = get_array_module(x)
+    return xp.broadcast_to(x.reshape(B, T, G, 1, D), (B, T, G, n_rep, D)).reshape(B, T, G * n_rep * D)

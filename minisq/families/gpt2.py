@@ -93,6 +93,11 @@ def layers(params) -> list:
     return params["h"]
 
 
+def attention_bias(config, mask, T: int, dtype):
+    """[B, S] mask -> [B, 1, T, S]: causal and padding (:func:`minisq.nn.attention_bias`)."""
+    return nn.attention_bias(mask, T, dtype)
+
+
 def block(model, i, layer, x, bias, m, cache, positions=None):
     # [B, T, C], [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, C] (cache extended in place)
     cfg = model.config
@@ -146,6 +151,11 @@ def default_groups(config) -> tuple:
 # --- attention's q, k, v: (leaf, part, parts) — c_attn's output cut in three ------------------------
 
 QKV_OUTPUTS = (("h.{i}.attn.c_attn", 0, 3), ("h.{i}.attn.c_attn", 1, 3), ("h.{i}.attn.c_attn", 2, 3))
+
+
+def attention_input_absmax(config, which: int, channel_absmax) -> float:
+    """The static range of q (0), k (1) or v (2): the max of its calibrated per-channel ranges."""
+    return float(channel_absmax.max())
 
 
 # --- tokenizer: openai-community/gpt2's tokenizer_config.json defaults -------------------------------

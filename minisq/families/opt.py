@@ -106,6 +106,11 @@ def layers(params) -> list:
     return params["layers"]
 
 
+def attention_bias(config, mask, T: int, dtype):
+    """[B, S] mask -> [B, 1, T, S]: causal and padding (:func:`minisq.nn.attention_bias`)."""
+    return nn.attention_bias(mask, T, dtype)
+
+
 def block(model, i, layer, x, bias, m, cache, positions=None):
     # [B, T, C], [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, C] (cache extended in place)
     cfg = model.config
@@ -185,6 +190,11 @@ def default_groups(config) -> tuple:
 
 QKV_OUTPUTS = (("layers.{i}.self_attn.q_proj", 0, 1), ("layers.{i}.self_attn.k_proj", 0, 1),
                ("layers.{i}.self_attn.v_proj", 0, 1))
+
+
+def attention_input_absmax(config, which: int, channel_absmax) -> float:
+    """The static range of q (0), k (1) or v (2): the max of its calibrated per-channel ranges."""
+    return float(channel_absmax.max())
 
 
 # --- tokenizer: facebook/opt-*'s tokenizer_config.json defaults: prepends </s> ----------------------
