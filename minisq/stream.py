@@ -300,10 +300,10 @@ class _Run:
     def _static_qkv(self, i: int, stats) -> tuple:
         """max |q|, |k|, |v| of layer i's projections over the calibration tokens."""
         out = []
-        for template, part, parts in self.family.QKV_OUTPUTS:
+        for which, (template, part, parts) in enumerate(self.family.QKV_OUTPUTS):
             ch = stats.out_channel[template.format(i=i)]
             width = len(ch) // parts
-            out.append(float(ch[part * width:(part + 1) * width].max()))
+            out.append(self.family.attention_input_absmax(self.model.config, which, ch[part * width:(part + 1) * width]))
         return tuple(out)
 
     # --- the end ----------------------------------------------------------------------------

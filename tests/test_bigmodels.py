@@ -27,13 +27,17 @@ def _ids(seed, shape, V=101):
     return np.random.default_rng(seed).integers(0, V, shape)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "opt"])
+@pytest.fixture(scope="module", params=["gpt2", "opt", "llama"])
 def fp16_ckpt(request, tmp_path_factory):
-    """A tiny float16 checkpoint with 3 layers, and its transformers model."""
+    """A tiny float16 checkpoint with 3 layers, and its transformers model (Llama: GQA, bfloat16)."""
     from conftest import hf_model, save_hf_model
 
-    layers = {"gpt2": dict(n_layer=3), "opt": dict(num_hidden_layers=3)}[request.param]
-    hf = hf_model(request.param, seed=4, **layers).to(torch.float16)
+    if request.param == "llama":
+        from test_llama import hf_llama
+        hf = hf_llama("llama", seed=4, num_hidden_layers=3).to(torch.bfloat16)
+    else:
+        layers = {"gpt2": dict(n_layer=3), "opt": dict(num_hidden_layers=3)}[request.param]
+        hf = hf_model(request.param, seed=4, **layers).to(torch.float16)
     folder = save_hf_model(hf, tmp_path_factory.mktemp(f"{request.param}-fp16"))
     return request.param, folder, hf
 
