@@ -166,9 +166,10 @@ def main(argv=None) -> int:
         results[name] = r
         status = "" if r["rc"] == 0 else f"   FAILED (rc {r['rc']}): {r['err'][-300:]}"
         print(f"{name:<10} {r['peak_gb']:>16.2f} {r['peak_gb'] / f32_gb:>16.3f} {r['seconds']:>8.1f}{status}")
-    if not args.keep:
+    if not args.keep:   # only what this run wrote
         import shutil
-        shutil.rmtree(root, ignore_errors=True)
+        for path in (folder, dst):
+            shutil.rmtree(path, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 
