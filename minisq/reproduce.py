@@ -451,6 +451,10 @@ def _fmt(x, kind: str) -> str:
     return f"{x:.2f}" if math.isfinite(x) and x < 1e5 else f"{x:.3g}"
 
 
+def _fmt_params(n) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_table(rows: list, settings: Settings) -> str:
     """The Markdown report: one row per model × variant, the paper's numbers beside minisq's."""
     by_model = _group(rows)
@@ -479,7 +483,7 @@ def format_table(rows: list, settings: Settings) -> str:
             p_acc, p_ppl = (paper or {}).get("results", {}).get(r["variant"], (None, None))
             src = f" {paper['source']}" if paper and (p_acc is not None or p_ppl is not None) else ""
             lines.append(
-                f"| {name} | {r['params'] / 1e6:,.1f}M | {VARIANTS[r['variant']][0]} "
+                f"| {name} | {_fmt_params(r['params'])} | {VARIANTS[r['variant']][0]} "
                 f"| {_fmt(r['perplexity'], 'ppl')} | {_fmt(p_ppl, 'ppl')}{src if p_ppl is not None else ''} "
                 f"| {_fmt(r['lambada_acc'], 'acc')} | {_fmt(p_acc, 'acc')}{src if p_acc is not None else ''} |")
     lines += ["", "## The paper's published numbers (all that were found)", "",
