@@ -86,7 +86,7 @@ def first_run(family, shared_data, tmp_path_factory):
     return argv, out, json.loads((out / "results.json").read_text())
 
 
-def test_writes_a_labeled_table_figure_and_results(first_run, family):
+def test_writes_a_labeled_table_figure_and_results(first_run, family, shared_data):
     _, out, results = first_run
     folders, _ = family
     table = (out / "table.md").read_text()
@@ -97,6 +97,9 @@ def test_writes_a_labeled_table_figure_and_results(first_run, family):
     assert all(f"({reproduce.RANDOM_LABEL})" in line for line in rows)
     assert "untrained (random) checkpoints" in table
     assert "FP32 (CPU; paper: FP16)" in table
+    if not (shared_data / "wikitext-2-raw" / "wiki.train.raw").is_file():  # calibrated on the test split
+        assert "Calibrated on WikiText-2 *test* paragraphs" in table
+        assert {r.get("calib_split") for r in results["rows"]} == {"test", None}
     assert sorted(results["random_weights"]) == sorted(folders)
     for r in results["rows"]:
         assert r["perplexity"] > reproduce.RANDOM_PPL_FRACTION * r["vocab_size"]
