@@ -29,9 +29,11 @@ command again re-uses finished entries and computes only the missing ones, and a
 whose entries are all cached is not even loaded.
 
 **Memory.** One model is held at a time, with at most its smoothed copy and one quantized
-variant beside it. A model whose float32 weights would not fit (estimated from its weight
-files) is loaded lazily (memory-mapped, one layer at a time) when ``minisq.load`` offers
-``lazy=True``, with a line saying so; otherwise it is refused with the memory it needs.
+variant beside it. A model whose float32 run would not fit (estimated from its weight
+files) is loaded lazily when ``minisq.load`` offers ``lazy=True``, with a line saying so:
+memory-mapped, evaluated layer by layer, and its W8A8 variants written layer by layer by
+:func:`minisq.quantize_checkpoint` into ``<out>/models`` (resumable; deleted once the number
+is cached) and loaded from there. Otherwise it is refused with the memory it needs.
 
 **Random weights.** Offline, CI runs this on small random checkpoints. A model whose float
 perplexity is no better than a tenth of a uniform guess over its vocabulary is labeled
@@ -53,6 +55,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -254,7 +257,7 @@ def load_accepts_lazy() -> bool:
 
 
 def load_model(source: str):
-    """``(model, lazy)`` for a hub id or folder: eager when its float32 weights fit in the
+    """``(model, folder, lazy)`` for a hub id or folder: eager when its float32 weights fit in the
     available memory (with the headroom of :data:`EAGER_PEAK_FACTOR`), else lazy when
     ``minisq.load`` can, else :class:`MemoryLimitError`."""
     from .hub import resolve_model_dir
@@ -264,7 +267,7 @@ def load_model(source: str):
     need = int(float32_bytes(folder) * EAGER_PEAK_FACTOR)
     avail = available_memory()
     if avail is None or need <= avail:
-        return load(folder), False
+        return load(folder), folder, False
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     if not load_accepts_lazy():
         raise MemoryLimitError(
@@ -274,7 +277,7 @@ def load_model(source: str):
             "Free memory, use a machine with more, or leave this model out of --models.")
     say(f"  {source}: float32 needs about {gib(need)} with headroom, {gib(avail)} available: "
         "loading it lazily (memory-mapped, one layer at a time; slower, through the page cache)")
-    return load(folder, lazy=True), True
+    return load(folder, lazy=True), folder, True
 
 
 def parameter_count(model) -> int:
@@ -363,10 +366,15 @@ def smoothing_groups(model) -> tuple:
 
 class Variants:
     """Builds each variant of one float model on demand; the smoothed model and both
-    calibrations are computed once, and only if a SmoothQuant variant is asked for."""
+    calibrations are computed once, and only if a SmoothQuant variant is asked for.
 
-    def __init__(self, model, data: EvalData, settings: Settings, progress: bool):
-        self.model, self.data, self.settings, self.progress = model, data, settings, progress
+    A lazy (memory-mapped) model is not smoothed or quantized in memory: its W8A8 variants
+    are written layer by layer by :func:`minisq.quantize_checkpoint` (resumable) into
+    ``work`` and loaded from there (int8 weights: about a quarter of the float32 size).
+    """
+
+    def __init__(self, model, folder, data: EvalData, settings: Settings, progress: bool):
+        self.model, self.folder, self.data, self.settings, self.progress = model, folder, data, settings, progress
         self._smoothed = None
 
     def smoothed(self):
@@ -380,12 +388,30 @@ class Variants:
                 f"{len(self.data.calib)} sequences in {time.perf_counter() - t0:.1f} s")
         return self._smoothed
 
-    def build(self, variant: str):
+    def build(self, variant: str, work: Path):
         _, smoothed, preset = VARIANTS[variant]
         if preset is None:
             return self.model
+        if self.model.lazy:
+            return self.streamed(variant, work)
         base, stats = self.smoothed() if smoothed else (self.model, None)
         return quantize(base, preset, stats=stats if preset == "O3" else None, attn_bmm=self.settings.attn_bmm)
+
+    def streamed(self, variant: str, work: Path):
+        """The variant written by quantize_checkpoint into ``work`` (or found finished there)."""
+        from .loading import load
+        from .stream import RUN_FILE, quantize_checkpoint
+
+        _, smoothed, preset = VARIANTS[variant]
+        run_file = work / RUN_FILE
+        finished = run_file.is_file() and json.loads(run_file.read_text()).get("finished") is True
+        if not finished:
+            t0 = time.perf_counter()
+            quantize_checkpoint(self.folder, work, self.data.calib, preset=preset, alpha=self.settings.alpha,
+                                smooth=smoothed, groups=smoothing_groups(self.model),
+                                attn_bmm=self.settings.attn_bmm, progress=self.progress)
+            say(f"  streamed {VARIANTS[variant][0]} layer by layer into {work} in {time.perf_counter() - t0:.1f} s")
+        return load(work)
 
 
 def evaluate_variant(model, data: EvalData, settings: Settings, progress: bool = False) -> dict:
@@ -412,7 +438,7 @@ def run_model(source: str, index: str, settings: Settings, variants: list, cache
             say(f"{index} {VARIANTS[v][0]:<24} {_summary(hit)}  (cached)")
     if todo:
         t0 = time.perf_counter()
-        model, lazy = load_model(source)
+        model, folder, lazy = load_model(source)
         info = dict(params=parameter_count(model), vocab_size=model.config.vocab_size,
                     model_type=model.config.model_type, lazy=lazy,
                     synthetic=model.config.is_synthetic)
@@ -420,14 +446,17 @@ def run_model(source: str, index: str, settings: Settings, variants: list, cache
         data = load_data(model, settings, data_dir)
         say(f"  data: {len(data.eval_ids)} WikiText-2 test tokens in windows of {data.seq_len}, "
             f"{len(data.passages)} LAMBADA passages, {len(data.calib)} calibration sequences")
-        built = Variants(model, data, settings, progress)
+        built = Variants(model, folder, data, settings, progress)
         for v in todo:
-            variant_model = built.build(v)
+            work = cache_dir.parent / "models" / cache_path(cache_dir, keys[v]).stem  # lazy models only
+            variant_model = built.build(v, work)
             result = {**evaluate_variant(variant_model, data, settings, progress), **info}
             if VARIANTS[v][1]:  # the smoothed (calibrated) variants say on what
                 result["calib_split"] = data.calib_split
             del variant_model
             write_cached(cache_path(cache_dir, keys[v]), keys[v], result)
+            if work.exists():  # the streamed checkpoint served its purpose once the number is cached
+                shutil.rmtree(work)
             rows[v] = result
             say(f"{index} {VARIANTS[v][0]:<24} {_summary(result)}  ({result['seconds']:.1f} s)")
     return [dict(model=source, variant=v, **rows[v]) for v in variants]

@@ -192,12 +192,32 @@ def test_model_too_big_is_loaded_lazily_or_refused(family, monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(reproduce, "load_accepts_lazy", lambda: True)
     monkeypatch.setattr("minisq.loading.load", lambda folder, **kw: seen.update(kw) or "lazy model")
-    assert reproduce.load_model(folders[0]) == ("lazy model", True)
+    model, folder, lazy = reproduce.load_model(folders[0])
+    assert (model, str(folder), lazy) == ("lazy model", folders[0], True)
     assert seen.get("lazy") is True and "loading it lazily" in capsys.readouterr().out
     # enough memory: eager, and lazy is not asked for
     monkeypatch.setattr(reproduce, "available_memory", lambda: 2**40)
     seen.clear()
-    assert reproduce.load_model(folders[0]) == ("lazy model", False) and "lazy" not in seen
+    assert reproduce.load_model(folders[0])[::2] == ("lazy model", False) and "lazy" not in seen
+
+
+def test_a_lazy_model_gives_the_eager_numbers(first_run, family, shared_data, tmp_path, monkeypatch, capsys):
+    """Too big for memory (as if): loaded lazily, its W8A8 variants streamed layer by layer by
+    quantize_checkpoint; every number equals the eager run's, bit for bit."""
+    _, _, results = first_run
+    folders, _ = family
+    monkeypatch.setattr(reproduce, "available_memory", lambda: 1)
+    status, calls = run_main(monkeypatch, ["--models", folders[2], *FAST, "--data-dir", str(shared_data),
+                                           "--out", str(tmp_path)])
+    assert (status, calls) == (0, len(reproduce.VARIANTS))
+    assert "loading it lazily" in capsys.readouterr().out
+    lazy_rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    eager_rows = [r for r in results["rows"] if r["model"] == folders[2]]
+    for lazy, eager in zip(lazy_rows, eager_rows, strict=True):
+        assert lazy["lazy"] is True and eager["lazy"] is False
+        assert (lazy["variant"], lazy["perplexity"], lazy["lambada_acc"], lazy["params"]) == \
+            (eager["variant"], eager["perplexity"], eager["lambada_acc"], eager["params"])
+    assert not any((tmp_path / "models").iterdir())  # streamed checkpoints removed once cached
 
 
 def test_float32_estimate_reads_the_stored_dtype(tmp_path):
