@@ -21,6 +21,7 @@ from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
+from .kvquant import attend_kv
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -322,6 +323,13 @@ class Model:
             logits, cache = self.forward(nxt[:, None], mask, cache=cache)
         return np.concatenate(out, axis=1)
 
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes the KV cache holds per token of one sequence, all layers (float, int8 with
+        ``kv_cache="int8"``, or int8 codes under ``attn_bmm``); see :mod:`minisq.kvquant`."""
+        from .kvquant import kv_cache_bytes_per_token
+
+        return kv_cache_bytes_per_token(self)
+
     def save(self, folder):
         """Write this model (float, smoothed or quantized) to ``folder``; reload it with
         ``minisq.load(folder)``. See :mod:`minisq.export`."""
@@ -379,8 +387,7 @@ def _self_attention(model, q, k, v, cache, i, bias, scale, mask):
     if model.attn_quant is not None:                                   # quantized q, k, v
         return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
     q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
-    if cache is not None:
-        k, v = cache.update(i, k, v)                                 # [B, H, S, D]
+    k, v = attend_kv(model, cache, i, k, v)                          # [B, H, S, D], cached (maybe as int8)
     a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
     return nn.merge_heads(a)
 
