@@ -119,3 +119,23 @@ def layer_sqnr(before: dict, after: dict, title: str = "", model_name: str = "",
     ax.legend()
     ax.set_title((title or "Per-layer quantization SQNR") + _label(model_name))
     return _save(fig, path)
+
+
+def landscape(rows, title: str = "", model_name: str = "", path=None):
+    """The paper's comparison as one picture: each method's KL to the float model (log
+    scale, lower is better) against its weight memory, one labeled point per method.
+
+    ``rows``: dicts with ``variant``, ``kl_to_fp`` and ``weight_mb`` (the demo's rows).
+    """
+    fig = _figure(figsize=(8, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    floor = min([r["kl_to_fp"] for r in rows if r["kl_to_fp"] > 0] or [1e-6]) / 10
+    for r in rows:
+        kl = max(r["kl_to_fp"], floor)  # the float model's 0 drawn at the floor
+        ax.scatter(r["weight_mb"], kl, s=30)
+        ax.annotate(r["variant"], (r["weight_mb"], kl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("linear weights as stored (MB)")
+    ax.set_ylabel("KL(float || method), log scale")
+    ax.set_title((title or "Accuracy vs memory") + _label(model_name))
+    return _save(fig, path)
