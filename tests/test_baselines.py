@@ -373,3 +373,47 @@ def test_bad_options_are_config_errors(model64):
         with pytest.raises(minisq.ConfigError, match=match):
             minisq.quantize(m, **kwargs)
     assert largest_group_size(m) == 32 and largest_group_size(m, skip=("lm_head",)) == 32
+
+
+# --- the same on a GPU (skipped where none is usable) ----------------------------------------
+
+gpu = pytest.mark.skipif(not minisq.backend.gpu_available(), reason="no usable CUDA GPU (cupy + driver)")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["w8a16", "zeroquant", "llm.int8", "per_channel_acts"])
+def test_baseline_leaf_on_gpu_matches_cpu(kind):
+    from minisq.backend import to_device, to_numpy
+
+    rng = np.random.default_rng(9)
+    leaf, x, mask = _leaf(rng, np.float32), _x(rng, dtype=np.float32), _mask()
+    args = dict(w8a16=("per_channel", "float", {}), zeroquant=("per_group", "per_token", dict(group_size=16)),
+                per_channel_acts=("per_channel", "per_channel", dict(path="fake")),
+                **{"llm.int8": ("per_channel", "per_token", dict(threshold=6.0))})[kind]
+    q_cpu = quantize_linear(leaf, args[0], args[1], **args[2])
+    q_gpu = quantize_linear(Linear(to_device(leaf.w, "gpu"), to_device(leaf.b, "gpu")), args[0], args[1], **args[2])
+    np.testing.assert_array_equal(to_numpy(q_gpu.w_q), q_cpu.w_q)
+    np.testing.assert_array_equal(to_numpy(q_gpu.w_scale), q_cpu.w_scale)
+    y_cpu = q_cpu(x, mask)
+    y_gpu = to_numpy(q_gpu(to_device(x, "gpu"), to_device(mask, "gpu")))
+    assert y_gpu.dtype == np.float32
+    # integer parts are exact on both; float GEMMs (W8A16, LLM.int8()'s outlier part, the fake
+    # path) and ZeroQuant's sum over groups round in a different order on the GPU
+    np.testing.assert_allclose(y_gpu, y_cpu, rtol=0, atol=1e-5 * np.abs(y_cpu).max())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["zeroquant", "llm.int8", "O1+kv_int8"])
+def test_baseline_models_on_gpu_match_cpu(model64, setting):
+    from minisq.backend import to_numpy
+
+    preset, _, kv = setting.partition("+")
+    m = model64.astype("float32")
+    opts = dict(**NEW.get(preset, {}), kv_cache="int8" if kv else "float")
+    cpu, on_gpu = minisq.quantize(m, preset, **opts), minisq.quantize(m.to("gpu"), preset, **opts)
+    ids = _ids(8, (2, 16))
+    np.testing.assert_allclose(to_numpy(on_gpu(ids)), cpu(ids), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(on_gpu.generate(ids[0, :4], 4), cpu.generate(ids[0, :4], 4))
+    assert on_gpu.kv_cache_bytes_per_token() == cpu.kv_cache_bytes_per_token()
