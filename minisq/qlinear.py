@@ -181,7 +181,8 @@ def _check_choice(name: str, value: str, options: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {options}")
 
 
-# Which leaf a (weights, acts, outlier threshold?) choice makes: the quantizer's dispatch, as data.
+# The kinds of quantized leaf and their classes; leaf_kind picks the kind for a choice of
+# (weights, acts, outlier threshold), quantize_linear builds it.
 LEAF_KINDS = {
     "w8a8": W8A8Linear,            # SmoothQuant's W8A8 at every granularity of Table 2 (+ per-channel acts, fake)
     "w8a16": W8A16Linear,          # weights="per_channel"/"per_tensor", acts="float"
@@ -235,7 +236,8 @@ DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
 def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
              stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
              group_size: int | None = None, kv_cache: str = "float"):
-    """A new W8A8 model: every float linear leaf (except ``skip``) becomes a W8A8 leaf.
+    """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
+    (or a baseline's leaf, :mod:`minisq.baselines`).
 
     ``preset`` ("naive", "O1", "O2", "O3") sets ``weights`` and ``acts`` as in the paper's
     Table 2. The paper's baselines are presets too (:data:`minisq.baselines.BASELINES`):
