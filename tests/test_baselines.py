@@ -204,10 +204,13 @@ def test_new_presets_int_equals_fake_in_float64(model64, preset):
         assert 0 < max(fractions.values()) < 1                         # some channels, not all
 
 
-@pytest.mark.parametrize("setting", sorted(NEW) + ["O1+kv_int8", "llm.int8+kv_int8"])
+@pytest.mark.parametrize("setting", sorted(NEW) + ["O1+kv_int8", "llm.int8+kv_int8", "per_channel_acts"])
 def test_a_sequence_alone_equals_it_padded_in_a_batch(model64, setting):
     preset, _, kv = setting.partition("+")
-    q = minisq.quantize(model64, preset, **NEW.get(preset, {}), kv_cache="int8" if kv else "float")
+    if preset == "per_channel_acts":   # scales per input channel over the sequence's real tokens
+        q = minisq.quantize(model64, acts="per_channel", path="fake")
+    else:
+        q = minisq.quantize(model64, preset, **NEW.get(preset, {}), kv_cache="int8" if kv else "float")
     short, other = _ids(2, (9,)), _ids(3, (14,))
     alone = q(short[None])[0]
     batch = np.stack([np.concatenate([np.zeros(5, np.int64), short]), other])   # left-padded
