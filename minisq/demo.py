@@ -264,7 +264,7 @@ def run(args) -> dict:
             + (f"   LAMBADA {acc:6.1%}" if acc is not None else "") + f"   ({secs:.1f} s)")
 
     figures = make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out, name)
-    plots.landscape(rows, title="the paper's comparison: accuracy vs weight memory", model_name=name,
+    plots.landscape(rows, title="the paper's comparison: KL to float", model_name=name,
                     path=out / "landscape.png")
     figures.append("landscape.png")
     text = side_by_side(model, quantize(smoothed, "O3", stats=s_stats))
@@ -329,13 +329,13 @@ def side_by_side(fp_model, q_model, max_new_tokens: int = 16) -> dict:
 
 def format_table(rows, name: str, synthetic: bool) -> str:
     has_acc = any(r["lambada_acc"] is not None for r in rows)
-    head = f"| {'variant':<38} | {'W':<11} | {'A':<10} | {'perplexity':>14} | {'KL to FP':>9} |"
+    head = f"| {'variant':<38} | {'W':<11} | {'A':<11} | {'perplexity':>14} | {'KL to FP':>9} |"
     head += f" {'LAMBADA':>8} |" if has_acc else ""
     head += f" {'weights MB':>10} | {'KV B/tok':>8} | {'time s':>7} |"
     sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
     lines = [f"{'SYNTHETIC model (random weights, planted outliers): ' if synthetic else ''}{name}", head, sep]
     for r in rows:
-        line = (f"| {r['variant']:<38} | {r['weights']:<11} | {r['acts']:<10} | {r['perplexity']:>14.3f} |"
+        line = (f"| {r['variant']:<38} | {r['weights']:<11} | {r['acts']:<11} | {r['perplexity']:>14.3f} |"
                 f" {r['kl_to_fp']:>9.2e} |")
         if has_acc:
             acc = r["lambada_acc"]

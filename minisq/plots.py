@@ -123,19 +123,25 @@ def layer_sqnr(before: dict, after: dict, title: str = "", model_name: str = "",
 
 def landscape(rows, title: str = "", model_name: str = "", path=None):
     """The paper's comparison as one picture: each method's KL to the float model (log
-    scale, lower is better) against its weight memory, one labeled point per method.
+    scale, lower is better) as a horizontal bar, best at the top, its label carrying the
+    weight memory and the KV cache's bytes per token.
 
-    ``rows``: dicts with ``variant``, ``kl_to_fp`` and ``weight_mb`` (the demo's rows).
+    ``rows``: dicts with ``variant``, ``kl_to_fp``, ``weight_mb`` and (optionally)
+    ``kv_bytes_per_token`` (the demo's rows).
     """
-    fig = _figure(figsize=(8, 5))
+    rows = sorted((r for r in rows if r["kl_to_fp"] > 0), key=lambda r: r["kl_to_fp"], reverse=True)
+    fig = _figure(figsize=(9, 0.4 * len(rows) + 1.2))
     ax = fig.add_subplot(1, 1, 1)
-    floor = min([r["kl_to_fp"] for r in rows if r["kl_to_fp"] > 0] or [1e-6]) / 10
-    for r in rows:
-        kl = max(r["kl_to_fp"], floor)  # the float model's 0 drawn at the floor
-        ax.scatter(r["weight_mb"], kl, s=30)
-        ax.annotate(r["variant"], (r["weight_mb"], kl), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("linear weights as stored (MB)")
-    ax.set_ylabel("KL(float || method), log scale")
-    ax.set_title((title or "Accuracy vs memory") + _label(model_name))
+    y = np.arange(len(rows))
+    ax.barh(y, [r["kl_to_fp"] for r in rows], color="tab:blue")
+    labels = [f"{r['variant']}  ({r['weight_mb']:.1f} MB"
+              + (f", KV {r['kv_bytes_per_token']:,} B/tok" if "kv_bytes_per_token" in r else "") + ")"
+              for r in rows]
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())   # decades only: the minor labels overlap
+    ax.set_xlabel("KL(float || method), log scale (lower is better)")
+    ax.set_title((title or "Accuracy of each method") + _label(model_name))
     return _save(fig, path)
