@@ -19,6 +19,9 @@ from .loading import load  # noqa: F401
 from .model import KVCache, Model, get_param, replace_param  # noqa: F401
 from .nn import Linear  # noqa: F401
 from .qlinear import PRESETS, W8A8Linear, quantize, quantize_linear, weight_memory  # noqa: F401
+from .baselines import (  # noqa: F401
+    BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, outlier_fractions,
+)
 from .quant import (  # noqa: F401
     dequantize, fake_quantize, quantize_per_channel, quantize_per_sequence, quantize_per_tensor,
     quantize_per_token,

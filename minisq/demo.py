@@ -31,7 +31,8 @@ from .config import ModelConfig
 from .errors import DataError, MinisqError
 from .evaluate import lambada_accuracy, perplexity
 from .loading import load
-from .qlinear import PRESETS, quantize, weight_memory
+from .baselines import BASELINES, largest_group_size
+from .qlinear import DEFAULT_SKIP, PRESETS, quantize, weight_memory
 from .smooth import smooth
 from .synthetic import SYNTHETIC_LABEL, synthetic_model
 
@@ -183,6 +184,13 @@ VARIANTS = (  # (row label, smoothed?, preset or None for float)
     ("SmoothQuant-O1", True, "O1"),
     ("SmoothQuant-O2", True, "O2"),
     ("SmoothQuant-O3", True, "O3"),
+    # the paper's baselines (Tables 1 and 4, minisq.baselines), and an int8 KV cache; an
+    # optional 4th entry holds quantize() options
+    ("W8A8 per-channel acts (fake, no GEMM)", False, "custom", dict(acts="per_channel", path="fake")),
+    ("W8A16 (weight-only INT8)", False, "w8a16"),
+    ("ZeroQuant (group W, per-token A)", False, "zeroquant"),
+    ("LLM.int8() (threshold 6)", False, "llm.int8"),
+    ("SmoothQuant-O3 + INT8 KV cache", True, "O3", dict(kv_cache="int8")),
 )
 
 
@@ -235,21 +243,29 @@ def run(args) -> dict:
     rows = []
     window = eval_ids[None, :seq_len]
     fp_logits = to_numpy(model(window))
-    for label, use_smoothed, preset in VARIANTS:
+    for label, use_smoothed, preset, *options in VARIANTS:
         base, st = (smoothed, s_stats) if use_smoothed else (model, stats)
-        m = base if preset is None else quantize(base, preset, stats=st)
+        opts = dict(options[0]) if options else {}
+        if preset == "zeroquant":  # ZeroQuant's 128, or the largest power of two dividing every C_in
+            opts["group_size"] = largest_group_size(base, 128, skip=DEFAULT_SKIP)
+        m = base if preset is None else quantize(base, None if preset == "custom" else preset, stats=st, **opts)
         ppl, acc, secs = evaluate(m, eval_ids, passages, seq_len)
         kl = kl_to_float(fp_logits, m, window)
         mem = weight_memory(m)
+        cfg = {**PRESETS, **BASELINES}.get(preset, dict(weights="per_channel", acts="per_token"))
         rows.append(dict(variant=label, smoothed=use_smoothed, preset=preset or "float",
-                         weights=PRESETS[preset]["weights"] if preset else "fp32",
-                         acts=PRESETS[preset]["acts"] if preset else "fp32",
+                         weights=opts.get("weights", cfg["weights"]) if preset else "fp32",
+                         acts=opts.get("acts", cfg["acts"]) if preset else "fp32",
                          perplexity=ppl, kl_to_fp=kl, lambada_acc=acc,
-                         weight_mb=mem["stored_bytes"] / 2**20, seconds=secs))
+                         weight_mb=mem["stored_bytes"] / 2**20, seconds=secs,
+                         kv_bytes_per_token=m.kv_cache_bytes_per_token(), options=opts))
         say(f"  {label:<38} ppl {ppl:10.3f}   KL to FP {kl:.2e}"
             + (f"   LAMBADA {acc:6.1%}" if acc is not None else "") + f"   ({secs:.1f} s)")
 
     figures = make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out, name)
+    plots.landscape(rows, title="the paper's comparison: KL to float", model_name=name,
+                    path=out / "landscape.png")
+    figures.append("landscape.png")
     text = side_by_side(model, quantize(smoothed, "O3", stats=s_stats))
     report = dict(model=name, synthetic=model.config.is_synthetic, note=note, alpha=args.alpha,
                   data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len,
@@ -312,18 +328,18 @@ def side_by_side(fp_model, q_model, max_new_tokens: int = 16) -> dict:
 
 def format_table(rows, name: str, synthetic: bool) -> str:
     has_acc = any(r["lambada_acc"] is not None for r in rows)
-    head = f"| {'variant':<38} | {'W':<11} | {'A':<10} | {'perplexity':>14} | {'KL to FP':>9} |"
+    head = f"| {'variant':<38} | {'W':<11} | {'A':<11} | {'perplexity':>14} | {'KL to FP':>9} |"
     head += f" {'LAMBADA':>8} |" if has_acc else ""
-    head += f" {'weights MB':>10} | {'time s':>7} |"
+    head += f" {'weights MB':>10} | {'KV B/tok':>8} | {'time s':>7} |"
     sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
     lines = [f"{'SYNTHETIC model (random weights, planted outliers): ' if synthetic else ''}{name}", head, sep]
     for r in rows:
-        line = (f"| {r['variant']:<38} | {r['weights']:<11} | {r['acts']:<10} | {r['perplexity']:>14.3f} |"
+        line = (f"| {r['variant']:<38} | {r['weights']:<11} | {r['acts']:<11} | {r['perplexity']:>14.3f} |"
                 f" {r['kl_to_fp']:>9.2e} |")
         if has_acc:
             acc = r["lambada_acc"]
             line += f" {acc:>8.1%} |" if acc is not None else f" {'-':>8} |"
-        line += f" {r['weight_mb']:>10.1f} | {r['seconds']:>7.1f} |"
+        line += f" {r['weight_mb']:>10.1f} | {r['kv_bytes_per_token']:>8,d} | {r['seconds']:>7.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -340,7 +356,10 @@ def write_report(out: Path, report: dict, table: str) -> None:
     if report["synthetic"]:
         md += [f"**{SYNTHETIC_LABEL}.** Random weights; compare variants with each other, not with real models.", ""]
     md += ["KL to FP: mean KL divergence of each variant's next-token distribution from the float "
-           "model's, over the first evaluation window (0 = identical).", ""]
+           "model's, over the first evaluation window (0 = identical). KV B/tok: bytes the KV cache holds "
+           "per token of one sequence. The rows after SmoothQuant-O3 are the paper's baselines "
+           "(minisq.baselines): per-channel activation scales (accurate, but no INT8 GEMM can use them), "
+           "weight-only INT8, ZeroQuant, LLM.int8() (outlier channels in float), and an INT8 KV cache.", ""]
     md += [f"- α = {report['alpha']}, data: {report['data']}",
            f"- {report['eval_tokens']} eval tokens in windows of {report['seq_len']}, "
            f"{report['lambada_passages']} LAMBADA passages, {report['calib_sequences']} calibration sequences",

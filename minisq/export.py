@@ -3,8 +3,9 @@
 A saved folder holds
 
 * ``model.safetensors``: every array of the parameter tree under its dotted name —
-  float weights, LayerNorm gains, and for W8A8 leaves the int8 weights (``.w_q``), their
-  scales (``.w_scale``), biases and static activation scales (``.x_scale``);
+  float weights, LayerNorm gains, and for quantized leaves (W8A8 and the baselines of
+  :mod:`minisq.baselines`) the int8 weights (``.w_q``), their scales (``.w_scale``), biases
+  and static activation scales (``.x_scale``); LLM.int8()'s threshold is in the JSON;
 * ``minisq.json``: what it is — the config, the tree's skeleton (which leaf is float and
   which W8A8, with its activation granularity and path), the preset and α used, and the
   smoothing factors' tensor names;
@@ -30,13 +31,15 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .families import family_for
 from .nn import Linear
+from .baselines import GroupW8A8Linear, LLMInt8Linear, W8A16Linear
 from .qlinear import AttentionQuant, W8A8Linear
 from .storage import materialize
 from .tokenizer import load_tokenizer
 from .tree import is_linear_leaf
 
 FORMAT = "minisq-model-v1"
-LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear}
+LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear, "W8A16Linear": W8A16Linear,
+              "GroupW8A8Linear": GroupW8A8Linear, "LLMInt8Linear": LLMInt8Linear}
 
 
 def _encode(node, name: str, tensors: dict, embedding=None):

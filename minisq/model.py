@@ -350,6 +350,13 @@ class Model:
             logits, cache = self.forward(nxt[:, None], mask, cache=cache)
         return np.concatenate(out, axis=1)
 
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes the KV cache holds per token of one sequence, all layers (float, int8 with
+        ``kv_cache="int8"``, or int8 codes under ``attn_bmm``); see :mod:`minisq.kvquant`."""
+        from .kvquant import kv_cache_bytes_per_token
+
+        return kv_cache_bytes_per_token(self)
+
     def save(self, folder):
         """Write this model (float, smoothed or quantized) to ``folder``; reload it with
         ``minisq.load(folder)``. See :mod:`minisq.export`."""

@@ -119,3 +119,29 @@ def layer_sqnr(before: dict, after: dict, title: str = "", model_name: str = "",
     ax.legend()
     ax.set_title((title or "Per-layer quantization SQNR") + _label(model_name))
     return _save(fig, path)
+
+
+def landscape(rows, title: str = "", model_name: str = "", path=None):
+    """The paper's comparison as one picture: each method's KL to the float model (log
+    scale, lower is better) as a horizontal bar, best at the top, its label carrying the
+    weight memory and the KV cache's bytes per token.
+
+    ``rows``: dicts with ``variant``, ``kl_to_fp``, ``weight_mb`` and (optionally)
+    ``kv_bytes_per_token`` (the demo's rows).
+    """
+    rows = sorted((r for r in rows if r["kl_to_fp"] > 0), key=lambda r: r["kl_to_fp"], reverse=True)
+    fig = _figure(figsize=(9, 0.4 * len(rows) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(rows))
+    ax.barh(y, [r["kl_to_fp"] for r in rows], color="tab:blue")
+    labels = [f"{r['variant']}  ({r['weight_mb']:.1f} MB"
+              + (f", KV {r['kv_bytes_per_token']:,} B/tok" if "kv_bytes_per_token" in r else "") + ")"
+              for r in rows]
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())   # decades only: the minor labels overlap
+    ax.set_xlabel("KL(float || method), log scale (lower is better)")
+    ax.set_title((title or "Accuracy of each method") + _label(model_name))
+    return _save(fig, path)

@@ -45,7 +45,13 @@ works where naive W8A8 fails. By default (``skip``) the LM head and OPT's ``proj
 
 Per-channel *activation* scales are not in the table: a scale per input channel k cannot
 be pulled out of the sum over k, so the GEMM could not run on integers. That is the
-problem SmoothQuant solves by moving the channel ranges into the weights first.
+problem SmoothQuant solves by moving the channel ranges into the weights first. minisq
+offers them as ``acts="per_channel"`` in ``path="fake"`` only, the paper's accurate but
+not GEMM-able reference.
+
+The paper's other baselines (W8A16, ZeroQuant, LLM.int8(); its Tables 1 and 4) are presets
+too (:data:`minisq.baselines.BASELINES`), with their own leaves in :mod:`minisq.baselines`;
+``quantize(..., kv_cache="int8")`` also stores the KV cache in int8 (:mod:`minisq.kvquant`).
 """
 
 from __future__ import annotations
@@ -56,18 +62,22 @@ import fnmatch
 import numpy as np
 
 from .backend import get_array_module, to_numpy
+from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm
 from .nn import Linear
 from .storage import materialize
 from .quant import (
-    QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_sequence, quantize_per_tensor,
-    quantize_per_token,
+    QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
+    quantize_per_tensor, quantize_per_token,
 )
 
-WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-ACT_GRANULARITIES = ("per_token", "per_tensor", "static")
+# per_group: ZeroQuant (needs group_size); per_channel activations: fake path only; float
+# activations: weight-only W8A16. See minisq.baselines.
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor", "per_group")
+ACT_GRANULARITIES = ("per_token", "per_tensor", "static", "per_channel", "float")
 PATHS = ("int", "fake")
+KV_CACHE_MODES = ("float", "int8")
 
 PRESETS = {
     "naive": dict(weights="per_tensor", acts="per_tensor"),
@@ -83,7 +93,8 @@ class W8A8Linear:
 
     ``w_q`` int8 ``[C_in, C_out]``; ``w_scale`` ``[1, C_out]`` (per-channel) or 0-d
     (per-tensor); ``b`` float ``[C_out]`` or None; ``x_scale`` the static activation scale
-    (0-d) for ``acts="static"``, else None.
+    (0-d) for ``acts="static"``, else None. ``acts="per_channel"`` exists in ``path="fake"``
+    only (:func:`quantize_linear` refuses it on the integer path).
     """
 
     w_q: object
@@ -112,13 +123,17 @@ class W8A8Linear:
         * ``per_tensor``: one scale per *sequence* over its real tokens (``mask`` ``[..., T]``,
           1 = real), ``[..., 1, 1]`` (see :func:`~minisq.quant.quantize_per_sequence`), so a
           sequence quantizes the same alone or padded in a batch;
-        * ``static``: the calibrated scale, 0-d.
+        * ``static``: the calibrated scale, 0-d;
+        * ``per_channel`` (fake path only): one scale per input channel of each sequence,
+          ``[..., 1, C_in]`` (see :func:`~minisq.quant.quantize_per_input_channel`).
         """
-        # [..., T, C_in] float -> [..., T, C_in] int8, scale broadcastable to [..., T, 1]
+        # [..., T, C_in] float -> [..., T, C_in] int8, scale broadcastable to [..., T, 1] ([..., 1, C_in])
         if self.acts == "per_token":
             return quantize_per_token(x)
         if self.acts == "per_tensor":
             return quantize_per_sequence(x, mask)
+        if self.acts == "per_channel":
+            return quantize_per_input_channel(x, mask)
         return quantize_per_tensor(x, self.x_scale)
 
     def __call__(self, x, mask=None):
@@ -127,28 +142,42 @@ class W8A8Linear:
             raise ShapeError(f"W8A8Linear expects inputs [..., {self.in_features}], got {x.shape}")
         lead = x.shape[:-1]
         x_q, x_s = self.quantize_input(x, mask)                      # int8, scale
-        x_q = x_q.reshape(-1, self.in_features)                      # [N, C_in], N = all tokens
-        if x_s.ndim > 0:                                             # per token / per sequence
-            xp = get_array_module(x_s)
-            x_s = xp.broadcast_to(x_s, lead + (1,)).reshape(-1, 1)   # [N, 1]
         w_s = self.w_scale.astype(x.dtype)
         if self.path == "int":
+            x_q = x_q.reshape(-1, self.in_features)                  # [N, C_in], N = all tokens
+            if x_s.ndim > 0:                                         # per token / per sequence
+                xp = get_array_module(x_s)
+                x_s = xp.broadcast_to(x_s, lead + (1,)).reshape(-1, 1)   # [N, 1]
             acc = int8_gemm(x_q, self.w_q)                            # [N, C_out] int32
             y = dequant_epilogue(acc, x_s, w_s, self.b, out_dtype=x.dtype)
         else:
-            y = dequantize(x_q, x_s) @ dequantize(self.w_q, w_s)      # [N, C_out] float
+            x_hat = dequantize(x_q, x_s).reshape(-1, self.in_features)   # [N, C_in] float
+            y = x_hat @ dequantize(self.w_q, w_s)                    # [N, C_out] float
             if self.b is not None:
                 y = y + self.b
         return y.reshape(*lead, self.out_features)
 
 
 def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per_token",
-                    x_absmax=None, path: str = "int") -> W8A8Linear:
-    """A :class:`W8A8Linear` from a float leaf. ``x_absmax`` is the calibrated max |x| of
-    the leaf's input, needed for ``acts="static"`` (scale = max|x| / 127)."""
-    _check_choice("weights", weights, WEIGHT_GRANULARITIES)
-    _check_choice("acts", acts, ACT_GRANULARITIES)
-    _check_choice("path", path, PATHS)
+                    x_absmax=None, path: str = "int", threshold: float | None = None,
+                    group_size: int | None = None):
+    """A quantized leaf from a float leaf: a :class:`W8A8Linear`, or one of the paper's
+    baselines (:mod:`minisq.baselines`), chosen by the table :data:`LEAF_KINDS`.
+    ``x_absmax`` is the calibrated max |x| of the leaf's input, needed for ``acts="static"``
+    (scale = max|x| / 127); ``threshold`` makes an LLM.int8() leaf; ``group_size`` goes
+    with ``weights="per_group"`` (ZeroQuant)."""
+    _check_options(weights, acts, path, threshold, group_size)
+    kind = leaf_kind(weights, acts, threshold)
+    if kind == "w8a16":
+        w_q, w_scale = (quantize_per_channel if weights == "per_channel" else quantize_per_tensor)(leaf.w)
+        return W8A16Linear(w_q, w_scale, leaf.b, path=path)
+    if kind == "zeroquant":
+        check_group_size(group_size, leaf.w.shape[0])
+        w_q, w_scale = quantize_per_group(leaf.w, group_size)
+        return GroupW8A8Linear(w_q, w_scale, leaf.b, path=path)
+    if kind == "llm.int8":
+        w_q, w_scale = quantize_per_channel(leaf.w)
+        return LLMInt8Linear(w_q, w_scale, leaf.b, threshold=float(threshold), path=path)
     quantize_w = quantize_per_channel if weights == "per_channel" else quantize_per_tensor
     w_q, w_scale = quantize_w(leaf.w)
     x_scale = None
@@ -170,6 +199,51 @@ def _check_choice(name: str, value: str, options: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {options}")
 
 
+# The kinds of quantized leaf and their classes; leaf_kind picks the kind for a choice of
+# (weights, acts, outlier threshold), quantize_linear builds it.
+LEAF_KINDS = {
+    "w8a8": W8A8Linear,            # SmoothQuant's W8A8 at every granularity of Table 2 (+ per-channel acts, fake)
+    "w8a16": W8A16Linear,          # weights="per_channel"/"per_tensor", acts="float"
+    "zeroquant": GroupW8A8Linear,  # weights="per_group", acts="per_token"
+    "llm.int8": LLMInt8Linear,     # weights="per_channel", acts="per_token", threshold=t
+}
+
+
+def leaf_kind(weights: str, acts: str, threshold=None) -> str:
+    """The key of :data:`LEAF_KINDS` for a granularity choice (assumed valid)."""
+    if acts == "float":
+        return "w8a16"
+    if weights == "per_group":
+        return "zeroquant"
+    return "w8a8" if threshold is None else "llm.int8"
+
+
+def _check_options(weights, acts, path, threshold, group_size) -> None:
+    """ConfigError for a choice of granularities and options that does not make a leaf."""
+    _check_choice("weights", weights, WEIGHT_GRANULARITIES)
+    _check_choice("acts", acts, ACT_GRANULARITIES)
+    _check_choice("path", path, PATHS)
+    if acts == "per_channel" and path == "int":
+        raise ConfigError("acts='per_channel' cannot run on the integer path: its scale varies along the input "
+                          "channels, the axis the GEMM sums over, so it cannot be pulled out of the int32 sum "
+                          "(that is the problem SmoothQuant solves). Use path='fake' for this reference")
+    if weights == "per_group":
+        if acts != "per_token":
+            raise ConfigError(f"weights='per_group' (ZeroQuant) goes with acts='per_token', not {acts!r}")
+        if group_size is None:
+            raise ConfigError("weights='per_group' needs a group_size (ZeroQuant: 128 input channels per group)")
+    elif group_size is not None:
+        raise ConfigError(f"group_size goes with weights='per_group' (ZeroQuant), not weights={weights!r}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) \
+                or not float(threshold) >= 0:
+            raise ConfigError(f"threshold must be a number >= 0 (LLM.int8(): |x| >= threshold runs in float; "
+                              f"0 = every channel, inf = none), got {threshold!r}")
+        if (weights, acts) != ("per_channel", "per_token"):
+            raise ConfigError(f"threshold is LLM.int8()'s outlier threshold: it goes with weights='per_channel', "
+                              f"acts='per_token' (preset 'llm.int8'), not weights={weights!r}, acts={acts!r}")
+
+
 ATTN_BMM_MODES = (False, True, "static")
 
 # Leaves the official SmoothQuant code keeps in float: it quantizes decoder-layer linears
@@ -178,11 +252,17 @@ DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
 
 
 def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
-             stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False):
-    """A new W8A8 model: every float linear leaf (except ``skip``) becomes a W8A8 leaf.
+             stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
+             group_size: int | None = None, kv_cache: str = "float"):
+    """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
+    (or a baseline's leaf, :mod:`minisq.baselines`).
 
     ``preset`` ("naive", "O1", "O2", "O3") sets ``weights`` and ``acts`` as in the paper's
-    Table 2. ``acts="static"`` needs ``stats`` from :func:`minisq.calibrate` on this very
+    Table 2. The paper's baselines are presets too (:data:`minisq.baselines.BASELINES`):
+    "w8a16" (weight-only INT8), "zeroquant" (``group_size``, default 128, must divide every
+    quantized layer's C_in) and "llm.int8" (``threshold``, default 6.0). ``kv_cache="int8"``
+    stores the attention's keys and values as int8 with per-token, per-head scales (see
+    :mod:`minisq.kvquant`). ``acts="static"`` needs ``stats`` from :func:`minisq.calibrate` on this very
     model (after smoothing, if it was smoothed). ``skip`` holds glob patterns of leaf names
     kept in float; the default keeps the official code's layer set (decoder-layer linears
     only: ``lm_head`` and OPT's ``project_in``/``project_out`` stay float).
@@ -195,12 +275,24 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     model is untouched.
     """
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-        weights, acts = PRESETS[preset]["weights"], PRESETS[preset]["acts"]
-    _check_choice("weights", weights, WEIGHT_GRANULARITIES)
-    _check_choice("acts", acts, ACT_GRANULARITIES)
-    _check_choice("path", path, PATHS)
+        table = {**PRESETS, **BASELINES}
+        if preset not in table:
+            raise ConfigError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)} (SmoothQuant) "
+                              f"or {sorted(BASELINES)} (the paper's baselines)")
+        cfg = table[preset]
+        weights, acts = cfg["weights"], cfg["acts"]
+        if group_size is None:
+            group_size = cfg.get("group_size")
+        if threshold is None:
+            threshold = cfg.get("threshold")
+    _check_options(weights, acts, path, threshold, group_size)
+    _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
+    if kv_cache != "float" and attn_bmm is not False:
+        raise ConfigError("kv_cache='int8' is for float attention: with attn_bmm the cache already holds the "
+                          "int8 codes of k and v with their activation scales")
+    if attn_bmm is not False and acts in ("float", "per_channel"):
+        raise ConfigError(f"attn_bmm quantizes q, k, v with the activation granularity; acts={acts!r} has none "
+                          "that attention can use (choose per_token, per_tensor or static)")
     if not any(attn_bmm is mode or (isinstance(attn_bmm, str) and attn_bmm == mode) for mode in ATTN_BMM_MODES):
         raise ConfigError(f"attn_bmm={attn_bmm!r} is not one of {ATTN_BMM_MODES}")
     if attn_bmm == "static" and acts != "static":
@@ -221,11 +313,19 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             return leaf
         x_absmax = stats.input_absmax_of(name) if acts == "static" else None
+        if group_size is not None:
+            check_group_size(group_size, leaf.w.shape[0], name)
         # weights kept as float16/bfloat16 (or memory-mapped) are widened one leaf at a time
-        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path)
+        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path, threshold, group_size)
 
     info = dict(preset=preset or "custom", weights=weights, acts=acts, path=path,
                 skip=list(skip), attn_bmm=attn_bmm)
+    # the baselines' options and the KV cache's storage, recorded only where they apply
+    # (minisq.kvquant reads kv_cache from here)
+    info.update({k: v for k, v in dict(threshold=None if threshold is None else float(threshold),
+                                       group_size=group_size).items() if v is not None})
+    if kv_cache != "float":
+        info["kv_cache"] = kv_cache
     qmodel = model.replace_linears(swap, quantization=info)
     if attn_bmm is not False:
         static = static_qkv_scales(model, stats) if acts == "static" else None
@@ -320,12 +420,14 @@ class AttentionQuant:
 
 
 def weight_memory(model) -> dict:
-    """Bytes of the linear weights as stored (int8 + scales + biases for W8A8 leaves) and
-    what the same layers take in float32 and float16."""
+    """Bytes of the linear weights as stored (int8 + scales + biases for every quantized
+    leaf: W8A8, W8A16, ZeroQuant's group scales, LLM.int8()) and what the same layers take
+    in float32 and float16. LLM.int8() stores exactly what per-channel W8A8 does: its float
+    part multiplies by dequantized int8 rows, a per-call temporary (:mod:`minisq.baselines`)."""
     stored = f32 = f16 = 0
     n_quantized = n_float = 0
     for leaf in model.linears().values():
-        if isinstance(leaf, W8A8Linear):
+        if hasattr(leaf, "w_q"):
             n = leaf.w_q.size
             stored += leaf.w_q.nbytes + leaf.w_scale.nbytes + (leaf.b.nbytes if leaf.b is not None else 0)
             n_quantized += 1
@@ -342,6 +444,8 @@ def weight_memory(model) -> dict:
 
 def describe(leaf) -> str:
     """One line about a leaf, for printouts."""
+    if hasattr(leaf, "describe"):  # the baselines' leaves describe themselves
+        return leaf.describe()
     if isinstance(leaf, W8A8Linear):
         return (f"W8A8 [{leaf.in_features}->{leaf.out_features}] w:{leaf.weights} a:{leaf.acts} "
                 f"path:{leaf.path}")

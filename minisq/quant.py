@@ -195,6 +195,33 @@ def quantize_per_sequence(x, mask=None):
     return _quantize(xp, x, s), s
 
 
+def quantize_per_input_channel(x, mask=None):
+    """Per-channel *activation* scales, one per input channel of each sequence over its real
+    tokens: ``Δ[b, k] = max_{t real} |x[b, t, k]| / 127``.
+
+    The paper's "ideal but not GEMM-able" reference (Sec. 2, Fig. 3; the per-channel rows of
+    its Table 1): the scale varies along k, the axis a GEMM sums over, so it cannot be pulled
+    out of ``Σ_k X̄[t, k] W̄[k, j]`` and the product cannot run on integers. minisq offers it
+    only in fake quantization. Padding tokens (``mask == 0``) never set a scale.
+    """
+    # [..., T, C] float, [..., T] 0/1 or None -> [..., T, C] int8, [..., 1, C] float ([C] for x [C])
+    xp, x = _float_input(x)
+    if x.size == 0:
+        raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
+    _check_finite(xp, x)
+    x2 = x if x.ndim >= 2 else x[None]                                           # [..., T, C]
+    a = xp.abs(x2)
+    if mask is not None:
+        mask = xp.asarray(mask)
+        if mask.shape != x2.shape[:-1]:
+            raise ShapeError(f"mask has shape {mask.shape}, expected {x2.shape[:-1]} for x {x.shape}")
+        a = xp.where(mask[..., None] > 0, a, xp.zeros_like(a))
+    s = dynamic_scale(xp, xp.max(a, axis=-2, keepdims=True))                    # [..., 1, C]
+    if x.ndim == 1:
+        s = s[0]                                                                # [C]
+    return _quantize(xp, x, s), s
+
+
 def quantize_per_channel(w, scale=None):
     """One scale per output channel of a ``[C_in, C_out]`` weight: ``Δ[j] = max_k |w[k, j]| / 127``.
 

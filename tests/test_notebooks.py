@@ -54,9 +54,9 @@ def kernel_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_there_are_six_notebooks():
+def test_there_are_seven_notebooks():
     assert [p.name for p in NOTEBOOKS] == [f"{name}.ipynb" for name in _builder().NOTEBOOKS]
-    assert len(NOTEBOOKS) == 6
+    assert len(NOTEBOOKS) == 7
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -16,6 +16,7 @@ import numpy as np
 from .. import nn
 from ..backend import get_array_module
 from ..errors import CheckpointError, NonFiniteError, ShapeError
+from ..kvquant import attend_kv
 from ..storage import StoredTensor
 from ..nn import Linear
 
@@ -130,8 +131,8 @@ def _self_attention(model, q, k, v, cache, i, bias, scale, mask, kv_heads=None):
             k, v = repeat_kv_flat(k, G, H // G), repeat_kv_flat(v, G, H // G)
         return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
     q, k, v = nn.split_heads(q, H), nn.split_heads(k, G), nn.split_heads(v, G)
-    if cache is not None:
-        k, v = cache.update(i, k, v)                                 # [B, G, S, D]: only the kv heads
+    k, v = attend_kv(model, cache, i, k, v)                          # [B, G, S, D]: only the kv heads, cached
+                                                                     # as given or as int8 (kv_cache="int8")
     if G != H:
         k, v = repeat_kv(k, H // G), repeat_kv(v, H // G)             # [B, H, S, D]
     a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
