@@ -50,13 +50,14 @@ class KVCache:
 
     @property
     def keys(self) -> list:
-        """Layer i's cached keys ``[B, H, S, D]`` (float attention), for inspection."""
-        return [None if b is None else b[0][:, :, :self.length] for b in self.store]
+        """Layer i's cached float keys ``[B, G, S, D]``, for inspection (None where the layer
+        caches int8 codes and scales instead: see ``store``)."""
+        return [b[0][:, :, :self.length] if b is not None and len(b) == 2 else None for b in self.store]
 
     @property
     def values(self) -> list:
-        """Layer i's cached values ``[B, H, S, D]`` (float attention), for inspection."""
-        return [None if b is None else b[-1][:, :, :self.length] for b in self.store]
+        """Layer i's cached float values ``[B, G, S, D]`` (None where cached as int8: see ``store``)."""
+        return [b[1][:, :, :self.length] if b is not None and len(b) == 2 else None for b in self.store]
 
     def update(self, i: int, *arrays):
         # layer i's new [B, *, T, *] arrays (keys, values, ...) -> all of them [B, *, S, *] (views)
