@@ -79,3 +79,34 @@ def synthetic_model(config: ModelConfig | None = None, n_outliers: int = 4, outl
     params = params_from_state_dict(cfg, sd, np.dtype(dtype), source=name)
     info = {"synthetic": SYNTHETIC_LABEL, "outlier_channels": outlier_channels(cfg.hidden_size, n_outliers, seed).tolist()}
     return Model(cfg, params, tokenizer=tokenizer, info=info)
+
+
+def save_synthetic_checkpoint(folder, config: ModelConfig | None = None, dtype: str = "float16",
+                              n_outliers: int = 4, outlier_scale: float = 40.0, seed: int = 0):
+    """Write the synthetic model of :func:`synthetic_model` as a Hugging Face checkpoint
+    folder (``config.json`` + ``model.safetensors`` in ``dtype``, float16 or float32), for
+    the big-model paths that read checkpoints (``minisq.load(folder, lazy=True)``,
+    :func:`minisq.quantize_checkpoint`). Families that can write their config.json:
+    those with ``config_to_hf``. Returns the folder. Still SYNTHETIC: random weights."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    from .errors import ConfigError
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"dtype must be 'float16' or 'float32' (NumPy writes no bfloat16), got {dtype!r}")
+    family = family_for(config or GPT2_SMALL)
+    if not hasattr(family, "config_to_hf"):
+        raise ConfigError(f"the {family.MODEL_TYPES[0]} family cannot write its config.json (no config_to_hf)")
+    # the shape as a checkpoint states it (e.g. OPT's position offset of 2)
+    config = family.config_from_hf(family.config_to_hf(family.synthetic_config(config or GPT2_SMALL)), "synthetic")
+    model = synthetic_model(config, n_outliers, outlier_scale, seed)
+    sd = synthetic_state_dict(model.config, n_outliers, outlier_scale, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in sd.items()}, str(folder / "model.safetensors"))
+    raw = {**family.config_to_hf(model.config), "torch_dtype": dtype, "minisq_synthetic": SYNTHETIC_LABEL}
+    (folder / "config.json").write_text(json.dumps(raw, indent=1))
+    return folder

@@ -54,9 +54,9 @@ def kernel_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_there_are_seven_notebooks():
+def test_there_are_eight_notebooks():
     assert [p.name for p in NOTEBOOKS] == [f"{name}.ipynb" for name in _builder().NOTEBOOKS]
-    assert len(NOTEBOOKS) == 7
+    assert len(NOTEBOOKS) == 8
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

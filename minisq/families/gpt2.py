@@ -49,6 +49,16 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     return _validate(cfg, source)
 
 
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json that :func:`config_from_hf` reads back as ``cfg`` (for writing checkpoints)."""
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+                n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_dim,
+                n_positions=cfg.max_positions, layer_norm_epsilon=cfg.layer_norm_eps,
+                activation_function=cfg.activation, scale_attn_weights=cfg.scale_attn_weights,
+                scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+                bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, _name_or_path=cfg.name)
+
+
 # --- checkpoint names -> parameter tree --------------------------------------------------------
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:

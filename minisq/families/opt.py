@@ -54,6 +54,17 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     return _validate(cfg, source)
 
 
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json that :func:`config_from_hf` reads back as ``cfg`` (for writing checkpoints)."""
+    return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                ffn_dim=cfg.ffn_dim, max_position_embeddings=cfg.max_positions, activation_function=cfg.activation,
+                do_layer_norm_before=cfg.do_layer_norm_before, word_embed_proj_dim=cfg.embed_dim,
+                enable_bias=cfg.enable_bias, layer_norm_elementwise_affine=cfg.layer_norm_elementwise_affine,
+                _remove_final_layer_norm=cfg.remove_final_layer_norm, bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, _name_or_path=cfg.name)
+
+
 # --- checkpoint names -> parameter tree --------------------------------------------------------
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
