@@ -66,6 +66,17 @@ def _spread(a) -> float:
     return float(a.max() / max(np.median(a), 1e-30))
 
 
+def _spread_out(xs, gap: float, lo: float, hi: float) -> np.ndarray:
+    """Label positions near sorted ``xs``, at least ``gap`` apart and within [lo, hi]."""
+    pos = np.asarray(xs, np.float64).copy()
+    for i in range(1, len(pos)):                     # push right ...
+        pos[i] = max(pos[i], pos[i - 1] + gap)
+    pos -= max(0.0, pos[-1] - hi) if len(pos) else 0.0
+    for i in range(len(pos) - 2, -1, -1):            # ... and back left where that ran past hi
+        pos[i] = min(pos[i], pos[i + 1] - gap)
+    return np.maximum(pos, lo)
+
+
 def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "", path=None, after=None,
                      log: bool | None = None, channels=None):
     """Per-channel max |x| as bars, with the ``top`` widest channels (or the given ``channels``,
@@ -73,8 +84,8 @@ def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "
     ``log`` (default: when ``after`` is given) uses a log y axis, so that small smoothed ranges
     stay visible beside 100x outliers. The title gives max/median of each set of bars shown.
 
-    ``act_max``, ``after``: ``[C]``. Labels are vertical and staggered in height, so that
-    neighbouring channels' labels do not overlap.
+    ``act_max``, ``after``: ``[C]``. Labels stand in a band above the bars, spread apart where
+    channels are neighbours and tied to their bars by a line, so that no two overlap.
     """
     a = np.asarray(to_numpy(act_max), np.float64)
     fig = _figure(figsize=(10, 3.8))
@@ -85,13 +96,14 @@ def channel_max_bars(act_max, top: int = 5, title: str = "", model_name: str = "
         ax.bar(np.arange(a.size), b, width=1.0, color="tab:blue", alpha=0.8, label="smoothed")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     named = np.sort(np.asarray(channels if channels is not None else np.argsort(a)[::-1][:top], int))
-    for k, ch in enumerate(named):   # left to right, alternating heights
-        ax.annotate(f"ch {ch}", (ch, a[ch]), textcoords="offset points", xytext=(0, 3 + 22 * (k % 2)),
-                    ha="center", va="bottom", rotation=90, fontsize=7)
     logscale = log or (log is None and after is not None)
     if logscale:
         ax.set_yscale("log")
-    ax.set_ylim(top=a.max() * (12 if logscale else 1.35))   # room for the labels
+    ax.set_ylim(top=a.max() * (40 if logscale else 1.5))     # a band above the bars for the labels
+    y_text = a.max() * (2.5 if logscale else 1.08)
+    for ch, x_text in zip(named, _spread_out(named, gap=a.size / 45, lo=0, hi=a.size - 1)):
+        ax.annotate(f"ch {ch}", (ch, a[ch]), xytext=(x_text, y_text), textcoords="data", ha="center",
+                    va="bottom", rotation=90, fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.5, color="gray"))
     ax.set_xlabel("input channel")
     ax.set_ylabel("max |x| over calibration tokens")
     spread = f"max/median = {_spread(a):.0f}" + ("" if after is None else
