@@ -20,7 +20,8 @@ from .model import KVCache, Model, get_param, replace_param  # noqa: F401
 from .nn import Linear  # noqa: F401
 from .qlinear import PRESETS, W8A8Linear, quantize, quantize_linear, weight_memory  # noqa: F401
 from .quant import (  # noqa: F401
-    dequantize, fake_quantize, quantize_per_channel, quantize_per_tensor, quantize_per_token,
+    dequantize, fake_quantize, quantize_per_channel, quantize_per_sequence, quantize_per_tensor,
+    quantize_per_token,
 )
 from .smooth import (  # noqa: F401
     NOT_FOLDABLE, SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors, weight_absmax,

@@ -8,11 +8,14 @@ For every linear leaf ``name`` the statistics hold
   activation range ``max|X_j|`` in SmoothQuant's ``s_j = max|X_j|^α / max|W_j|^(1-α)``;
 * ``input_absmax[name]`` and ``output_absmax[name]``: per-tensor max |x| and max |y|, for
   static (O3) activation scales ``Δ = max|x| / 127``;
+* ``output_channel_absmax[name]`` ``[C_out]``: max |y[:, j]| per output channel, from which
+  the static scales of attention's q, k and v come (GPT-2's fused ``c_attn`` holds all three);
 * optionally the first ``keep_samples`` input rows ``[n, C_in]``, for the α search and the
   per-layer quantization diagnostics.
 
 Calibration *wraps* the linear leaves with an observer (:class:`Observed`) instead of
-hooking into the forward pass, so it works unchanged for every architecture. The paper
+hooking into the forward pass, so it works unchanged for every architecture. Only real
+tokens count: the observer drops the rows that the forward pass marks as padding. The paper
 calibrates on 512 random sentences of the Pile validation set; minisq defaults to
 WikiText-2 text, since any real English text serves to find activation ranges.
 """
@@ -32,6 +35,14 @@ from .progress import progress as show_progress
 
 _FORMAT = "minisq-calibration-v1"
 
+# Where attention's q, k and v come from, per family: (leaf name, part, parts) — the
+# output of leaf ``name`` cut into ``parts`` equal pieces along C_out, piece ``part``.
+QKV_OUTPUTS = {
+    "gpt2": (("h.{i}.attn.c_attn", 0, 3), ("h.{i}.attn.c_attn", 1, 3), ("h.{i}.attn.c_attn", 2, 3)),
+    "opt": (("layers.{i}.self_attn.q_proj", 0, 1), ("layers.{i}.self_attn.k_proj", 0, 1),
+            ("layers.{i}.self_attn.v_proj", 0, 1)),
+}
+
 
 @dataclasses.dataclass
 class CalibrationStats:
@@ -43,9 +54,26 @@ class CalibrationStats:
     samples: dict                  # name -> [n, C_in] float32 (may be empty)
     n_tokens: int
     signature: dict                # name -> [C_in, C_out]; plus "model_type"
+    output_channel_absmax: dict = dataclasses.field(default_factory=dict)   # name -> [C_out] float64
 
     def input_absmax_of(self, name: str) -> float:
         return self.input_absmax[name]
+
+    def qkv_absmax(self, model, layer: int) -> tuple:
+        """Calibrated ``(max|q|, max|k|, max|v|)`` of layer ``layer``'s q, k, v projection
+        outputs, read from ``QKV_OUTPUTS`` (which leaf, which part of its output)."""
+        out = []
+        for template, part, parts in QKV_OUTPUTS[model.config.model_type]:
+            name = template.format(i=layer)
+            ch = self.output_channel_absmax.get(name)
+            if ch is None:
+                raise CalibrationError(
+                    f"these stats have no per-channel output ranges for {name!r} (calibrated by an older "
+                    "minisq?): recalibrate with minisq.calibrate to use static attention scales"
+                )
+            width = len(ch) // parts
+            out.append(float(ch[part * width:(part + 1) * width].max()))
+        return tuple(out)
 
     def check_matches(self, model) -> None:
         """Raise CalibrationError unless these stats were taken on a model of this shape."""
@@ -72,6 +100,7 @@ class CalibrationStats:
         path = Path(path)
         arrays = {f"channel/{k}": v for k, v in self.channel_absmax.items()}
         arrays.update({f"sample/{k}": v for k, v in self.samples.items()})
+        arrays.update({f"outchannel/{k}": v for k, v in self.output_channel_absmax.items()})
         meta = dict(format=_FORMAT, input_absmax=self.input_absmax, output_absmax=self.output_absmax,
                     n_tokens=self.n_tokens, signature=self.signature)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -88,6 +117,7 @@ class CalibrationStats:
                 meta = json.loads(bytes(z["meta"]).decode())
                 channel = {k[len("channel/"):]: z[k] for k in z.files if k.startswith("channel/")}
                 samples = {k[len("sample/"):]: z[k] for k in z.files if k.startswith("sample/")}
+                out_ch = {k[len("outchannel/"):]: z[k] for k in z.files if k.startswith("outchannel/")}
         except FileNotFoundError:
             raise CalibrationError(f"calibration file {path} not found") from None
         except Exception as exc:  # zip, JSON, key errors: a damaged or foreign file
@@ -95,7 +125,8 @@ class CalibrationStats:
         if meta.get("format") != _FORMAT:
             raise CalibrationError(f"{path} is not a minisq calibration file (format {meta.get('format')!r})")
         signature_ = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["signature"].items()}
-        stats = cls(channel, meta["input_absmax"], meta["output_absmax"], samples, meta["n_tokens"], signature_)
+        stats = cls(channel, meta["input_absmax"], meta["output_absmax"], samples, meta["n_tokens"], signature_,
+                    out_ch)
         if model is not None:
             stats.check_matches(model)
         return stats
@@ -127,22 +158,30 @@ class _Recorder:
 
     def __init__(self, keep_samples: int):
         self.keep = keep_samples
-        self.channel, self.inp, self.out, self.samples = {}, {}, {}, {}
+        self.channel, self.inp, self.out, self.out_channel, self.samples = {}, {}, {}, {}, {}
 
-    def record(self, name: str, x, y) -> None:
-        # [..., C_in], [..., C_out] (NumPy or CuPy) -> updated running maxima
-        x2 = to_numpy(x).reshape(-1, x.shape[-1])
+    def record(self, name: str, x, y, mask=None) -> None:
+        # [..., C_in], [..., C_out] (NumPy or CuPy), [...] 0/1 -> updated running maxima
+        x2 = to_numpy(x).reshape(-1, x.shape[-1])                       # [N, C_in]
+        y2 = to_numpy(y).reshape(-1, y.shape[-1])                       # [N, C_out]
+        if mask is not None:                                            # real tokens only
+            real = to_numpy(mask).reshape(-1) > 0
+            x2, y2 = x2[real], y2[real]
+            if x2.shape[0] == 0:
+                return
         if not np.isfinite(x2).all():
             raise CalibrationError(
                 f"non-finite activations (NaN/inf) flow into layer {name!r}: the model or its inputs "
                 "overflow (e.g. float16); calibrate in float32"
             )
         ax = np.abs(x2).max(axis=0).astype(np.float64)                  # [C_in]
-        ay = float(np.abs(to_numpy(y)).max())
+        ay = np.abs(y2).max(axis=0).astype(np.float64)                  # [C_out]
         prev = self.channel.get(name)
         self.channel[name] = ax if prev is None else np.maximum(prev, ax)
+        prev = self.out_channel.get(name)
+        self.out_channel[name] = ay if prev is None else np.maximum(prev, ay)
         self.inp[name] = max(self.inp.get(name, 0.0), float(ax.max()))
-        self.out[name] = max(self.out.get(name, 0.0), ay)
+        self.out[name] = max(self.out.get(name, 0.0), float(ay.max()))
         if self.keep:
             have = self.samples.get(name)
             n = 0 if have is None else have.shape[0]
@@ -162,9 +201,9 @@ class Observed:
     in_features = property(lambda self: self.leaf.in_features)
     out_features = property(lambda self: self.leaf.out_features)
 
-    def __call__(self, x):
-        y = self.leaf(x)
-        self.recorder.record(self.name, x, y)
+    def __call__(self, x, mask=None):
+        y = self.leaf(x, mask)
+        self.recorder.record(self.name, x, y, mask)
         return y
 
 
@@ -203,5 +242,5 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
         observed(ids)
         n_tokens += ids.size
     return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
-                            n_tokens, signature(model))
+                            n_tokens, signature(model), recorder.out_channel)
 

@@ -85,6 +85,18 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (round half to even), as its 16 bits.
+
+    Adds half of the dropped low 16 bits' range, plus 1 when the kept part is odd (ties to
+    even), then keeps the top half. For finite inputs only (the loader checks).
+    # [...] float32 -> [...] uint16
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
 def decode(stored: np.ndarray, elem: str) -> np.ndarray:
     """Elements as stored -> the array handed out (native byte order; bf16 -> f32; u1 -> bool).
 
@@ -100,18 +112,33 @@ def decode(stored: np.ndarray, elem: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- folders
 
-def read_state_dict(folder: Path | str) -> dict[str, np.ndarray]:
-    """All tensors of a model folder, by checkpoint name, from the first layout in WEIGHT_FILES."""
+def read_state_dict(folder: Path | str, raw: bool = False, lazy: bool = False) -> dict:
+    """All tensors of a model folder, by checkpoint name, from the first layout in WEIGHT_FILES.
+
+    By default each is a decoded NumPy array (bfloat16 widened to float32). ``raw=True``
+    gives ``(element type, stored array)`` pairs instead (bfloat16 as its uint16 bits), and
+    ``lazy=True`` (implies raw) makes the stored arrays read-only memory-mapped views of the
+    files: nothing is read until an array is used, and the bytes are page cache, not the
+    program's memory. A lazily read ``.bin`` must hold its tensors uncompressed (as
+    ``torch.save`` writes them); otherwise convert it to safetensors.
+    """
     folder = Path(folder)
+    raw = raw or lazy
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise CheckpointError(
             f"{folder} {what}: pass the model folder that holds config.json and the weights")
+    def st(p):
+        return read_safetensors(p, raw=raw, lazy=lazy)
+
+    def pt(p):
+        return read_pytorch_bin(p, raw=raw, lazy=lazy)
+
     readers = {
-        "model.safetensors": read_safetensors,
-        "model.safetensors.index.json": lambda p: read_sharded(p, read_safetensors),
-        "pytorch_model.bin": read_pytorch_bin,
-        "pytorch_model.bin.index.json": lambda p: read_sharded(p, read_pytorch_bin),
+        "model.safetensors": st,
+        "model.safetensors.index.json": lambda p: read_sharded(p, st),
+        "pytorch_model.bin": pt,
+        "pytorch_model.bin.index.json": lambda p: read_sharded(p, pt),
     }
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
@@ -172,9 +199,16 @@ def _shard_path(index_path: Path, shard: str) -> Path:
 
 # --------------------------------------------------------------------------- safetensors
 
-def read_safetensors(path: Path | str) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file; each array is its own fresh, writable buffer."""
+def read_safetensors(path: Path | str, raw: bool = False, lazy: bool = False) -> dict:
+    """All tensors of one .safetensors file; each array is its own fresh, writable buffer
+    (``raw``/``lazy``: see :func:`read_state_dict`; lazy arrays are read-only file views).
+
+    The whole header is checked before anything is read or allocated: every tensor's bytes
+    lie inside the file, match its shape and dtype, and overlap no other tensor's, so
+    memory stays bounded by the file's size whatever a hostile header claims.
+    """
     path = Path(path)
+    raw = raw or lazy
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
@@ -182,14 +216,39 @@ def read_safetensors(path: Path | str) -> dict[str, np.ndarray]:
             data_size = file_size - data_start
             specs = {name: _tensor_spec(path, name, entry, data_size)
                      for name, entry in header.items() if name != "__metadata__"}
-            return {name: _read_tensor(f, path, name, data_start, *spec)
-                    for name, spec in specs.items()}
+            _check_disjoint(path, specs)
+            if lazy:
+                mm = np.memmap(path, dtype=np.uint8, mode="r") if file_size > data_start else None
+                return {name: (elem, _mapped(mm, data_start, elem, shape, begin, end))
+                        for name, (elem, shape, begin, end) in specs.items()}
+            out = {}
+            for name, spec in specs.items():
+                stored = _read_tensor(f, path, name, data_start, *spec)
+                out[name] = (spec[0], stored) if raw else decode(stored, spec[0])
+            return out
     except CheckpointError:
         raise
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     except Exception as e:  # the promise: a bad file gives CheckpointError, nothing else
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}; {_CORRUPT}") from e
+
+
+def _mapped(mm, data_start: int, elem: str, shape: tuple, begin: int, end: int) -> np.ndarray:
+    """A read-only view of one tensor's bytes in the memory-mapped file.  # -> [*shape] stored"""
+    dtype = np.dtype(STORED_DTYPES[elem])
+    if end == begin:
+        return np.zeros(shape, dtype=dtype)
+    return mm[data_start + begin: data_start + end].view(dtype).reshape(shape)
+
+
+def _check_disjoint(path: Path, specs: dict) -> None:
+    """No two tensors may share bytes (a hostile header could alias one region many times)."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in specs.items() if end > begin)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(
+                f"{path}: tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap in the file; {_CORRUPT}")
 
 
 def _safetensors_header(f, file_size: int, path: Path) -> tuple[dict, int]:
@@ -237,12 +296,12 @@ def _tensor_spec(path: Path, name: str, entry, data_size: int) -> tuple[str, tup
 
 def _read_tensor(f, path: Path, name: str, data_start: int,
                  elem: str, shape: tuple, begin: int, end: int) -> np.ndarray:
-    """Read one tensor's bytes into a fresh buffer and decode them.  # -> [*shape]"""
+    """Read one tensor's bytes into a fresh buffer, as stored.  # -> [*shape] STORED_DTYPES[elem]"""
     buf = np.empty(end - begin, dtype=np.uint8)
     f.seek(data_start + begin)
     if f.readinto(buf) != buf.size:
         raise CheckpointError(f"{path}: tensor {name!r}: the file ended early; {_CORRUPT}")
-    return decode(buf.view(STORED_DTYPES[elem]).reshape(shape), elem)
+    return buf.view(STORED_DTYPES[elem]).reshape(shape)
 
 
 def _is_count(x) -> bool:
@@ -326,11 +385,31 @@ def rebuild_tensor(storage: _Storage, storage_offset: int, size, stride) -> np.n
             raise ValueError(
                 f"a tensor of size {size}, stride {stride} at offset {storage_offset} reaches "
                 f"element {last} of a storage of {elements.size}")
+        # a stride of 0 (or strides that revisit elements) would let a tiny storage claim a
+        # huge tensor: a checkpoint tensor never has more elements than its storage
+        if math.prod(size) > elements.size - storage_offset or any(s == 0 for n, s in zip(size, stride) if n > 1):
+            raise ValueError(
+                f"a tensor of size {size}, stride {stride} at offset {storage_offset} has more "
+                f"elements than its storage of {elements.size} (a zero or repeating stride)")
     # A dimension of length <= 1 never steps, so its stride is irrelevant: 0 avoids overflow.
     byte_strides = [s * elements.itemsize if n > 1 else 0 for n, s in zip(size, stride)]
     view = np.lib.stride_tricks.as_strided(
         elements[storage_offset:], shape=size, strides=byte_strides, writeable=False)
-    return decode(np.array(view, order="C"), storage.kind.elem)  # a copy, in C order
+    return RebuiltTensor(storage.kind.elem, view)
+
+
+class RebuiltTensor(_StandIn):
+    """A tensor rebuilt from a pickle: its element type and a strided view of its storage
+    (a memory-mapped file region when read lazily). :func:`read_pytorch_bin` copies and
+    decodes it, or hands it out as stored."""
+
+    __slots__ = ("elem", "view")
+
+    def __init__(self, elem: str, view: np.ndarray):
+        self.elem, self.view = elem, view  # view: [*size] STORED_DTYPES[elem]
+
+    def __repr__(self) -> str:
+        return f"<tensor {self.elem} {list(self.view.shape)}>"
 
 
 def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
@@ -341,7 +420,7 @@ def rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, back
 
 def rebuild_parameter(data, requires_grad, backward_hooks):
     """NumPy version of torch._utils._rebuild_parameter: an nn.Parameter is its data."""
-    if not isinstance(data, np.ndarray):
+    if not isinstance(data, RebuiltTensor):
         raise ValueError(f"a parameter's data is {data!r:.60}, not a tensor")
     return data
 
@@ -403,23 +482,33 @@ class _TensorUnpickler(pickle.Unpickler):
         return storage
 
 
-def read_pytorch_bin(path: Path | str) -> dict[str, np.ndarray]:
-    """The tensors of a torch.save zip (pytorch_model.bin), read without torch or code execution."""
+def read_pytorch_bin(path: Path | str, raw: bool = False, lazy: bool = False) -> dict:
+    """The tensors of a torch.save zip (pytorch_model.bin), read without torch or code execution
+    (``raw``/``lazy``: see :func:`read_state_dict`)."""
     path = Path(path)
+    raw = raw or lazy
     try:
         with _open_torch_zip(path) as zf:
-            state = _unpickle_torch_zip(zf, path)
+            state = _unpickle_torch_zip(zf, path, lazy)
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{path} holds a pickled {type(state).__name__}, not a state dict of tensors")
+        # Non-tensor entries (rare: _extra_state objects) are left out; tensors keep their names.
+        out = {}
+        for k, v in state.items():
+            if isinstance(k, str) and isinstance(v, RebuiltTensor):
+                if lazy:
+                    out[k] = (v.elem, v.view)
+                else:
+                    stored = np.array(v.view, order="C")  # a copy, in C order
+                    out[k] = (v.elem, stored) if raw else decode(stored, v.elem)
+        return out
     except CheckpointError:  # includes UnsafePickleError; both already name the file
         raise
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     except Exception as e:  # the promise: a bad file gives CheckpointError, nothing else
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}; {_CORRUPT}") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path} holds a pickled {type(state).__name__}, not a state dict of tensors")
-    # Non-tensor entries (rare: _extra_state objects) are left out; tensors keep their names.
-    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
 
 
 def _open_torch_zip(path: Path) -> zipfile.ZipFile:
@@ -435,8 +524,9 @@ def _open_torch_zip(path: Path) -> zipfile.ZipFile:
     raise CheckpointError(f"{path} is not a torch.save zip; {_CORRUPT}")
 
 
-def _unpickle_torch_zip(zf: zipfile.ZipFile, path: Path):
-    """Unpickle <prefix>/data.pkl, fetching <prefix>/data/<key> records as storages."""
+def _unpickle_torch_zip(zf: zipfile.ZipFile, path: Path, lazy: bool = False):
+    """Unpickle <prefix>/data.pkl, fetching <prefix>/data/<key> records as storages
+    (``lazy``: as memory-mapped views of the zip file, which needs uncompressed records)."""
     pkl_names = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if not pkl_names:
         raise CheckpointError(f"{path} is a zip without a <prefix>/data.pkl record; {_CORRUPT}")
@@ -456,6 +546,32 @@ def _unpickle_torch_zip(zf: zipfile.ZipFile, path: Path):
             raise CheckpointError(
                 f"{path}: storage record {name} is {zf.getinfo(name).file_size} bytes, not "
                 f"{numel} elements of {dtype.itemsize} bytes; {_CORRUPT}")
+        if lazy:
+            return _mapped_record(zf, path, name, dtype, numel)
         return np.frombuffer(zf.read(name), dtype=dtype)
 
     return _TensorUnpickler(zf.read(pkl_names[0]), path, read_record).load()
+
+
+def _mapped_record(zf: zipfile.ZipFile, path: Path, name: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    """A zip record's bytes as a read-only memory-mapped array (records must be stored, not
+    compressed). Where the bytes start is read from the record's local header.  # -> [numel]"""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(
+            f"{path}: record {name} is compressed, so it cannot be memory-mapped: load without lazy=True, "
+            "or convert the checkpoint to safetensors (e.g. in transformers: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder))")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: bad local header for {name}; {_CORRUPT}")
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        file_size = os.fstat(f.fileno()).st_size
+    nbytes = numel * dtype.itemsize
+    if start + nbytes > file_size:
+        raise CheckpointError(f"{path}: record {name} runs past the end of the file; {_CORRUPT}")
+    if nbytes == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(numel,))

@@ -9,8 +9,16 @@ window predicts its tokens 2..L from the ones before). A ``stride`` below the wi
 length gives the sliding-window variant of the HF docs: windows overlap and only the
 tokens past the previous window are scored, each with up to L - 1 tokens of context.
 
-LAMBADA accuracy (as in the GPT-2 paper and lm-eval's ``lambada_openai``): a passage
-counts when greedy decoding predicts *every* token of its last word.
+LAMBADA accuracy, two rules (``metric=``):
+
+* ``"last_word"`` (default; the GPT-2 paper and lm-eval's ``lambada_openai``): a passage
+  counts when greedy decoding predicts *every* token of its last word;
+* ``"last_token"`` (the official SmoothQuant notebook's evaluator): only the passage's
+  final token must be the argmax. A last word of several tokens whose last token is right
+  counts here and may not under ``"last_word"``, so this rule scores higher.
+
+Every result is independent of ``batch_size``: sequences in a batch are right-padded, and
+padding never enters attention, a dynamic quantization scale or a statistic.
 """
 
 from __future__ import annotations
@@ -106,12 +114,21 @@ def lambada_pairs(model, passages) -> list:
     return pairs
 
 
-def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True) -> np.ndarray:
-    """For ``(context ids, target ids)`` pairs: does greedy decoding give every target token?
+LAMBADA_METRICS = ("last_word", "last_token")
+
+
+def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True,
+                      metric: str = "last_word") -> np.ndarray:
+    """For ``(context ids, target ids)`` pairs: does greedy decoding give every target token
+    (``metric="last_word"``), or the final one (``"last_token"``)?
 
     One forward per batch on ``context + target[:-1]`` (teacher forcing): the argmax at each
     target position must equal that target token. Right padding keeps positions intact.
     """
+    if metric not in LAMBADA_METRICS:
+        raise InputError(f"metric={metric!r} is not one of {LAMBADA_METRICS}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     correct = np.zeros(len(pairs), dtype=bool)
     P = model.config.max_positions
     order = list(range(len(pairs)))
@@ -129,13 +146,17 @@ def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True) 
         pred = to_numpy(model(ids, mask)).argmax(axis=-1)                   # [B, T]
         for row, i in enumerate(group):
             s, n = seqs[row]
-            correct[i] = bool((pred[row, len(s) - n: len(s)] == pairs[i][1]).all())
+            hits = pred[row, len(s) - n: len(s)] == pairs[i][1]                  # [n] per target token
+            correct[i] = bool(hits.all() if metric == "last_word" else hits[-1])
     return correct
 
 
-def lambada_accuracy(model, passages, n: int | None = None, batch_size: int = 8, progress: bool = True) -> float:
-    """Fraction of LAMBADA passages (texts) whose last word greedy decoding gets exactly right."""
+def lambada_accuracy(model, passages, n: int | None = None, batch_size: int = 8, progress: bool = True,
+                     metric: str = "last_word") -> float:
+    """Fraction of LAMBADA passages (texts) whose last word greedy decoding gets exactly right
+    (``metric="last_word"``), or whose final token it gets right (``"last_token"``, the official
+    SmoothQuant notebook's rule). See the module docstring."""
     passages = list(passages)[:n] if n else list(passages)
     if not passages:
         raise InputError("no LAMBADA passages to evaluate")
-    return float(last_word_correct(model, lambada_pairs(model, passages), batch_size, progress).mean())
+    return float(last_word_correct(model, lambada_pairs(model, passages), batch_size, progress, metric).mean())

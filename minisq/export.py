@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Model, is_linear_leaf
 from .nn import Linear
-from .qlinear import Int8BMM, W8A8Linear
+from .qlinear import AttentionQuant, W8A8Linear
 
 FORMAT = "minisq-model-v1"
 LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear}
@@ -103,11 +103,12 @@ def save_model(model: Model, folder) -> Path:
     skeleton = _encode(params, "", tensors, embedding)
     info = _encode(model.info, "info", tensors)
     attn = None
-    if model.attn_matmul is not None:
-        if not isinstance(model.attn_matmul, Int8BMM):
-            raise ConfigError(f"cannot save a custom attention matmul {model.attn_matmul!r}")
-        attn = {"Int8BMM": {"path": model.attn_matmul.path}}
-    meta = dict(format=FORMAT, config=model.config.to_dict(), params=skeleton, info=info, attn_matmul=attn,
+    if model.attn_quant is not None:
+        if not isinstance(model.attn_quant, AttentionQuant):
+            raise ConfigError(f"cannot save a custom attention quantizer {model.attn_quant!r}")
+        fields = {f.name: getattr(model.attn_quant, f.name) for f in dataclasses.fields(AttentionQuant)}
+        attn = _encode(fields, "attn_quant", tensors)
+    meta = dict(format=FORMAT, config=model.config.to_dict(), params=skeleton, info=info, attn_quant=attn,
                 tokenizer=model.tokenizer is not None)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": FORMAT})
     (folder / "minisq.json").write_text(json.dumps(meta, indent=1))
@@ -135,13 +136,18 @@ def load_saved(folder, device: str = "cpu") -> Model:
         info = _decode(meta["info"], tensors, str(folder))
     except (KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} is malformed ({type(exc).__name__}: {exc}); save the model again") from None
-    attn = meta.get("attn_matmul")
-    attn_matmul = Int8BMM(**attn["Int8BMM"]) if attn else None
+    attn = meta.get("attn_quant")
+    attn_quant = None
+    if attn:
+        fields = _decode(attn, tensors, str(folder))
+        if fields.get("static") is not None:
+            fields["static"] = tuple(tuple(scales) for scales in fields["static"])
+        attn_quant = AttentionQuant(**fields)
     tokenizer = None
     if meta.get("tokenizer"):
         from .tokenizer import load_tokenizer
         tokenizer = load_tokenizer(folder, config.model_type)
-    model = Model(config, params, tokenizer=tokenizer, info=info, attn_matmul=attn_matmul)
+    model = Model(config, params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
     return model.to(device) if device != "cpu" else model
 
 

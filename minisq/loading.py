@@ -14,25 +14,40 @@ from pathlib import Path
 import numpy as np
 
 from .backend import check_device
+from .checkpoint import bf16_to_float32, float32_to_bf16
 from .config import ModelConfig, read_config
 from .errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from .model import FLOAT_DTYPES, Model
 from .nn import Linear
+from .storage import STORAGE_DTYPES, StoredTensor
 
 
-def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: bool = True) -> Model:
+def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", tokenizer: bool = True,
+         lazy: bool = False) -> Model:
     """Load a GPT-2/OPT checkpoint (local folder or hub id) as a float :class:`Model`.
 
-    ``dtype`` is the compute dtype (float32 by default; float64 for equivalence checks).
+    ``dtype``: "float32" (default) or "float64" (for equivalence checks) load every weight
+    converted to that dtype, which is also the compute dtype. "float16" or "bfloat16" keep
+    the weights in that dtype in memory (half of float32; bfloat16 as its raw bits) and
+    compute each layer in float32 (see :mod:`minisq.storage`).
+
+    ``lazy=True`` memory-maps the checkpoint instead of reading it: weights stay in the file
+    (page cache) in its own dtype, and one decoder layer at a time is widened to the
+    compute dtype (float32, or float64 with ``dtype="float64"``) while it runs. Forward,
+    calibration and evaluation then run layer by layer; peak memory is about one layer plus
+    the activations. A lazily loaded weight is not scanned for NaN/inf at load time (that
+    would read the whole file); a NaN shows up as a ``NonFiniteError`` from the forward pass.
+
     A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved.
     """
     from .hub import resolve_model_dir
 
+    dtype = str(np.dtype(dtype)) if dtype != "bfloat16" else dtype
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     if str(name_or_path) == "synthetic":
         from .synthetic import synthetic_model
-        return synthetic_model(dtype=dtype).to(device)
-    if np.dtype(dtype).name not in FLOAT_DTYPES:
-        raise ConfigError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        return synthetic_model(dtype=dtype if dtype in FLOAT_DTYPES else "float32").to(device)
     check_device(device)
     folder = resolve_model_dir(name_or_path)
     if (folder / "minisq.json").is_file():
@@ -40,10 +55,16 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
         return load_saved(folder, device=device)
     config = read_config(folder)
     from .checkpoint import read_state_dict
-    state = read_state_dict(folder)
-    params = params_from_state_dict(config, state, np.dtype(dtype), source=str(folder))
+    stored = lazy or dtype in ("float16", "bfloat16")
+    compute = "float64" if dtype == "float64" else "float32"
+    state = read_state_dict(folder, raw=stored, lazy=lazy)
+    params = params_from_state_dict(config, state, np.dtype(compute), source=str(folder),
+                                    storage=None if not stored else ("as_stored" if lazy else dtype))
     tok = _maybe_tokenizer(folder, config) if tokenizer else None
-    model = Model(config, params, tokenizer=tok, info={"source": str(name_or_path)})
+    info = {"source": str(name_or_path)}
+    if stored:
+        info["storage"] = {"dtype": "as stored" if lazy else dtype, "lazy": bool(lazy), "compute": compute}
+    model = Model(config, params, tokenizer=tok, info=info)
     return model.to(device) if device != "cpu" else model
 
 
@@ -69,10 +90,16 @@ def _strip_prefix(state: dict, prefixes: tuple) -> dict:
 
 
 class _Taker:
-    """Takes tensors out of a state dict, checking each shape against the config."""
+    """Takes tensors out of a state dict, checking each shape against the config.
 
-    def __init__(self, state: dict, dtype: np.dtype, source: str):
-        self.state, self.dtype, self.source = state, dtype, source
+    ``storage`` None: every tensor becomes a fresh array of the compute ``dtype``.
+    "float16"/"bfloat16": a :class:`~minisq.storage.StoredTensor` in that dtype (the state
+    holds ``(element type, stored array)`` pairs). "as_stored": a StoredTensor of the
+    file's own bytes (memory-mapped when the state was read lazily).
+    """
+
+    def __init__(self, state: dict, dtype: np.dtype, source: str, storage: str | None = None):
+        self.state, self.dtype, self.source, self.storage = state, dtype, source, storage
 
     def __call__(self, key: str, shape: tuple, transpose: bool = False):
         if key not in self.state:
@@ -81,18 +108,27 @@ class _Taker:
                 "config.json (wrong or incomplete download?)"
             )
         a = self.state[key]
-        if a.dtype.kind != "f":
+        elem = None
+        if self.storage is not None:
+            elem, a = a
+            if elem not in ("f2", "bf16", "f4", "f8"):
+                raise ShapeError(f"{self.source}: tensor {key!r} has element type {elem}, expected a float tensor")
+        elif a.dtype.kind != "f":
             raise ShapeError(f"{self.source}: tensor {key!r} has dtype {a.dtype}, expected a float tensor")
         stored = tuple(reversed(shape)) if transpose else tuple(shape)
         if tuple(a.shape) != stored:
             raise ShapeError(
                 f"{self.source}: tensor {key!r} has shape {tuple(a.shape)}, but config.json implies {stored}"
             )
-        if not np.isfinite(a).all():
-            raise NonFiniteError(
-                f"{self.source}: tensor {key!r} holds {int((~np.isfinite(a)).sum())} NaN/inf values; "
-                "the checkpoint is corrupt (or was saved after a diverged training run)"
-            )
+        if self.storage != "as_stored":   # lazily mapped tensors are not read here (see load)
+            finite = np.isfinite(bf16_to_float32(a) if elem == "bf16" else a)
+            if not finite.all():
+                raise NonFiniteError(
+                    f"{self.source}: tensor {key!r} holds {int((~finite).sum())} NaN/inf values; "
+                    "the checkpoint is corrupt (or was saved after a diverged training run)"
+                )
+        if self.storage is not None:
+            return StoredTensor(*_convert_stored(elem, a, self.storage), transpose=transpose)
         if transpose:
             a = a.T
         # a fresh, contiguous array of the compute dtype: nothing is shared with the file
@@ -109,14 +145,28 @@ class _Taker:
         return {"g": self(f"{key}.weight", (C,)), "b": self(f"{key}.bias", (C,))}
 
 
-def params_from_state_dict(config: ModelConfig, state: dict, dtype=np.float32, source: str = "checkpoint") -> dict:
-    """The parameter tree of a model from its (HF-named) state dict."""
+def _convert_stored(elem: str, a: np.ndarray, storage: str) -> tuple:
+    """(stored array, element type) kept for ``storage``: the file's own bytes ("as_stored"),
+    or converted to float16 / bfloat16 bits (round to nearest even; exact when the file
+    already holds that type)."""
+    target = {"float16": "f2", "bfloat16": "bf16"}.get(storage, elem)
+    if target == elem:
+        return a, elem
+    wide = bf16_to_float32(a) if elem == "bf16" else a.astype(np.float32)
+    if target == "f2":
+        return wide.astype(np.float16), "f2"
+    return float32_to_bf16(wide), "bf16"
+
+
+def params_from_state_dict(config: ModelConfig, state: dict, dtype=np.float32, source: str = "checkpoint",
+                           storage: str | None = None) -> dict:
+    """The parameter tree of a model from its (HF-named) state dict (``storage``: see _Taker)."""
     build = {"gpt2": _gpt2_params, "opt": _opt_params}[config.model_type]
-    return build(config, state, np.dtype(dtype), source)
+    return build(config, state, np.dtype(dtype), source, storage)
 
 
-def _gpt2_params(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
-    take = _Taker(_strip_prefix(state, ("transformer.",)), dtype, source)
+def _gpt2_params(cfg: ModelConfig, state: dict, dtype, source: str, storage=None) -> dict:
+    take = _Taker(_strip_prefix(state, ("transformer.",)), dtype, source, storage)
     C, F, V = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
     wte = take("wte.weight", (V, C))
     params = {
@@ -143,8 +193,8 @@ def _gpt2_params(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
     return params
 
 
-def _opt_params(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
-    take = _Taker(_strip_prefix(state, ("model.decoder.", "decoder.", "model.")), dtype, source)
+def _opt_params(cfg: ModelConfig, state: dict, dtype, source: str, storage=None) -> dict:
+    take = _Taker(_strip_prefix(state, ("model.decoder.", "decoder.", "model.")), dtype, source, storage)
     C, F, V, E = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.embed_dim
     bias, affine = cfg.enable_bias, cfg.layer_norm_elementwise_affine
     proj = cfg.word_embed_proj_dim is not None

@@ -26,37 +26,48 @@ FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, and their padding mask.
+    """What each layer keeps of the tokens seen so far, and their padding mask.
 
-    Layer i's keys are ``keys[i][:, :, :length]`` ``[B, H, S, D]`` (likewise values), kept
-    in buffers with room to grow, so that decoding one token appends in place instead of
-    copying the whole cache every step (which made long generations quadratic in memory
-    traffic). ``mask`` is ``[B, S]`` (1 = real). A cache is decoding state: each
-    ``forward(..., cache=cache)`` extends it and returns it.
+    For float attention a layer keeps its keys and values ``[B, H, S, D]``; quantized
+    attention keeps int8 codes and their per-token scales (``[B, 1, S, 1]``) instead. Each
+    array grows along axis 2 (the token axis) in a buffer with room to spare, so that
+    decoding one token appends in place instead of copying the whole cache every step
+    (which made long generations quadratic in memory traffic). ``mask`` is ``[B, S]``
+    (1 = real). A cache is decoding state: each ``forward(..., cache=cache)`` extends it.
     """
 
     def __init__(self, num_layers: int, reserve: int = 0):
-        self.keys = [None] * num_layers
-        self.values = [None] * num_layers
+        self.store = [None] * num_layers     # layer -> list of buffers [B, *, capacity, *]
         self.mask = None
         self.length = 0
         self.reserve = reserve   # capacity to allocate at the first append (e.g. prompt + new tokens)
 
-    def update(self, i: int, k, v):
-        # [B, H, T, D] new keys/values of layer i -> all of layer i's [B, H, S, D] (views)
-        end = self.length + k.shape[2]
-        for store in (self.keys, self.values):
-            buf = store[i]
-            if buf is None or buf.shape[2] < end:
-                xp = get_array_module(k)
-                old = 0 if buf is None else buf.shape[2]
-                grown = xp.empty(k.shape[:2] + (max(end, self.reserve, 2 * old), k.shape[3]), dtype=k.dtype)
-                if buf is not None:
-                    grown[:, :, :self.length] = buf[:, :, :self.length]
-                store[i] = grown
-        self.keys[i][:, :, self.length:end] = k
-        self.values[i][:, :, self.length:end] = v
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
+    @property
+    def keys(self) -> list:
+        """Layer i's cached keys ``[B, H, S, D]`` (float attention), for inspection."""
+        return [None if b is None else b[0][:, :, :self.length] for b in self.store]
+
+    @property
+    def values(self) -> list:
+        """Layer i's cached values ``[B, H, S, D]`` (float attention), for inspection."""
+        return [None if b is None else b[-1][:, :, :self.length] for b in self.store]
+
+    def update(self, i: int, *arrays):
+        # layer i's new [B, *, T, *] arrays (keys, values, ...) -> all of them [B, *, S, *] (views)
+        end = self.length + arrays[0].shape[2]
+        bufs = self.store[i]
+        if bufs is None or bufs[0].shape[2] < end:
+            xp = get_array_module(arrays[0])
+            old = 0 if bufs is None else bufs[0].shape[2]
+            size = max(end, self.reserve, 2 * old)
+            grown = [xp.empty(a.shape[:2] + (size,) + a.shape[3:], dtype=a.dtype) for a in arrays]
+            if bufs is not None:
+                for g, b in zip(grown, bufs):
+                    g[:, :, :self.length] = b[:, :, :self.length]
+            self.store[i] = bufs = grown
+        for buf, a in zip(bufs, arrays):
+            buf[:, :, self.length:end] = a
+        return tuple(buf[:, :, :end] for buf in bufs)
 
     def advance(self, mask) -> None:
         """Record that the new tokens are in: ``mask`` ``[B, S]`` covers all of them."""
@@ -124,14 +135,14 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, params: dict, tokenizer=None, info: dict | None = None,
-                 attn_matmul: Callable | None = None):
+                 attn_quant: Callable | None = None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.info = dict(info or {})
-        # Batched matmul used inside attention (q·kᵀ and p·v); None = float ``@``.
-        # The opt-in INT8 attention BMM of minisq.quantize sets it.
-        self.attn_matmul = attn_matmul
+        # Quantized attention (minisq.qlinear.AttentionQuant, set by quantize(..., attn_bmm=...));
+        # None = float attention.
+        self.attn_quant = attn_quant
 
     # --- the parameter tree -------------------------------------------------------------
     def linears(self) -> dict:
@@ -145,15 +156,20 @@ class Model:
         return self.evolve(params=params, info={**self.info, **info})
 
     def evolve(self, **changes) -> "Model":
-        """A shallow copy with some fields replaced (params, config, info, attn_matmul, tokenizer)."""
+        """A shallow copy with some fields replaced (params, config, info, attn_quant, tokenizer)."""
         fields = dict(config=self.config, params=self.params, tokenizer=self.tokenizer,
-                      info=self.info, attn_matmul=self.attn_matmul)
+                      info=self.info, attn_quant=self.attn_quant)
         fields.update(changes)
         return Model(**fields)
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self._embedding().dtype)
+
+    @property
+    def xp(self):
+        """The array module the weights live in: NumPy on the CPU, CuPy on a GPU."""
+        return get_array_module(self._embedding())
 
     @property
     def device(self) -> str:
@@ -194,7 +210,10 @@ class Model:
         if cache is None and use_cache:
             cache = KVCache(self.config.num_layers)
         forward = FORWARDS[self.config.model_type]
-        logits = forward(self, ids, positions, bias, cache, trace if trace is not None else [])
+        # [B, T]: which of the new tokens are real. Every linear leaf gets it, so that dynamic
+        # per-sequence scales and calibration statistics see real tokens only, never padding.
+        new_mask = mask[:, -T:]
+        logits = forward(self, ids, positions, bias, new_mask, cache, trace if trace is not None else [])
         if not bool(xp.isfinite(logits).all()):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
@@ -313,7 +332,8 @@ class Model:
     # --- conversions --------------------------------------------------------------------
     def to(self, device: str) -> "Model":
         """The same model with every array on 'cpu' (NumPy) or 'gpu' (CuPy)."""
-        return self.evolve(params=_map_arrays(self.params, lambda a: to_device(a, device)))
+        fn = lambda a: to_device(a, device)  # noqa: E731
+        return self.evolve(params=_map_arrays(self.params, fn), attn_quant=_map_arrays(self.attn_quant, fn))
 
     def astype(self, dtype) -> "Model":
         """The same float model in another float dtype (float32 or float64 for equivalence checks)."""
@@ -327,8 +347,8 @@ def _map_arrays(node, fn):
     # apply fn to every array of the tree, rebuilding dataclass leaves field by field
     if isinstance(node, dict):
         return {k: _map_arrays(v, fn) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_map_arrays(v, fn) for v in node]
+    if isinstance(node, (list, tuple)):
+        return type(node)(_map_arrays(v, fn) for v in node)
     if hasattr(node, "shape") and hasattr(node, "dtype"):
         return fn(node)
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -353,21 +373,20 @@ def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
 
 # --- the two families ---------------------------------------------------------------------
 
-def _self_attention(model, q, k, v, cache, i, bias, scale):
-    # [B, T, C] x3 (+ layer i's cached [B, H, S-T, D] keys/values) -> [B, T, C]
+def _self_attention(model, q, k, v, cache, i, bias, scale, mask):
+    # [B, T, C] x3 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, C]
     H = model.config.num_heads
+    if model.attn_quant is not None:                                   # quantized q, k, v
+        return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
     q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
     if cache is not None:
         k, v = cache.update(i, k, v)                                 # [B, H, S, D]
-    if model.attn_matmul is None:
-        a = nn.attention_causal_blocked(q, k, v, bias, scale)        # float: skip the masked half
-    else:
-        a = nn.attention(q, k, v, bias, scale, matmul=model.attn_matmul)  # INT8 BMM: one call
+    a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
     return nn.merge_heads(a)
 
 
-def _gpt2_forward(model, ids, positions, bias, cache, trace):
-    # [B, T] ids, [B, T] positions -> [B, T, V] logits (cache extended in place)
+def _gpt2_forward(model, ids, positions, bias, m, cache, trace):
+    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
     cfg, p = model.config, model.params
     act = nn.ACTIVATION_FNS[cfg.activation]
     x = p["wte"][ids] + p["wpe"][positions]                          # [B, T, C]
@@ -377,46 +396,46 @@ def _gpt2_forward(model, ids, positions, bias, cache, trace):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= i + 1
         h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
-        qkv = layer["attn"]["c_attn"](h)                             # [B, T, 3C]
+        qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
         q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
-        a = _self_attention(model, q, k, v, cache, i, bias, scale)
-        x = x + layer["attn"]["c_proj"](a)
+        a = _self_attention(model, q, k, v, cache, i, bias, scale, m)
+        x = x + layer["attn"]["c_proj"](a, m)
         h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
-        x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h)))  # [B, T, F] inside
+        x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside
         trace.append((f"h.{i}", x))
     x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
-    return p["lm_head"](x)                                            # [B, T, V]
+    return p["lm_head"](x, m)                                         # [B, T, V]
 
 
-def _opt_forward(model, ids, positions, bias, cache, trace):
-    # [B, T] ids, [B, T] positions -> [B, T, V] logits (cache extended in place)
+def _opt_forward(model, ids, positions, bias, m, cache, trace):
+    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
     cfg, p = model.config, model.params
     act = nn.ACTIVATION_FNS[cfg.activation]
     eps = cfg.layer_norm_eps
     x = p["embed_tokens"][ids]                                        # [B, T, E]
     if p["project_in"] is not None:
-        x = p["project_in"](x)                                        # [B, T, C]
+        x = p["project_in"](x, m)                                     # [B, T, C]
     x = x + p["embed_positions"][positions + cfg.position_offset]
     trace.append(("embeddings", x))
     pre = cfg.do_layer_norm_before
     for i, layer in enumerate(p["layers"]):
         attn = layer["self_attn"]
         h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
-        a = _self_attention(model, attn["q_proj"](h), attn["k_proj"](h), attn["v_proj"](h),
-                            cache, i, bias, cfg.head_dim ** -0.5)
-        x = x + attn["out_proj"](a)
+        a = _self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
+                            cache, i, bias, cfg.head_dim ** -0.5, m)
+        x = x + attn["out_proj"](a, m)
         if not pre:  # post-LN (opt-350m): normalize after the residual add
             x = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
         h = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps) if pre else x
-        x = x + layer["fc2"](act(layer["fc1"](h)))                    # [B, T, F] inside
+        x = x + layer["fc2"](act(layer["fc1"](h, m)), m)              # [B, T, F] inside
         if not pre:
             x = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps)
         trace.append((f"layers.{i}", x))
     if p["final_layer_norm"] is not None:
         x = nn.layer_norm(x, **p["final_layer_norm"], eps=eps)
     if p["project_out"] is not None:
-        x = p["project_out"](x)                                       # [B, T, E]
-    return p["lm_head"](x)                                            # [B, T, V]
+        x = p["project_out"](x, m)                                    # [B, T, E]
+    return p["lm_head"](x, m)                                         # [B, T, V]
 
 
 FORWARDS = {"gpt2": _gpt2_forward, "opt": _opt_forward}

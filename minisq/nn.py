@@ -8,8 +8,10 @@ the input's float dtype: constants are cast to ``x.dtype`` first, because under 
 ``x32 * np.sqrt(2 / np.pi)`` silently promotes a float32 array to float64.
 
 **Linear layers are swappable leaves.** A linear layer in the parameter tree is an object
-``leaf`` with ``leaf(x) -> y``; the float one is :class:`Linear` (``y = x @ w + b`` with
-``w`` stored ``[C_in, C_out]``). Calibration wraps these leaves to record what flows into
+``leaf`` with ``leaf(x, mask) -> y``; the float one is :class:`Linear` (``y = x @ w + b`` with
+``w`` stored ``[C_in, C_out]``). ``mask`` ``[B, T]`` (1 = real token, 0 = padding, or None)
+is what the forward pass knows about padding: a float layer ignores it, a W8A8 layer's
+per-sequence scale and calibration's statistics use the real tokens only. Calibration wraps these leaves to record what flows into
 them, and quantization replaces them with W8A8 leaves; the forward pass never asks which
 kind it holds.
 """
@@ -41,7 +43,8 @@ class Linear:
     def out_features(self) -> int:
         return self.w.shape[1]
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        # [..., C_in] -> [..., C_out]; the token mask does not change a float layer
         return linear(x, self.w, self.b)
 
 

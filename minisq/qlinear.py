@@ -1,6 +1,7 @@
 """W8A8 linear leaves and whole-model quantization (SmoothQuant Section 4, Table 2).
 
-Legend: T tokens (all leading axes flattened), C_in / C_out a linear's widths.
+Legend: B batch, T tokens, N = B·T all tokens, C_in / C_out a linear's widths, H heads, D head dim,
+S tokens attended to.
 
 A :class:`W8A8Linear` replaces a float :class:`~minisq.nn.Linear` leaf. Its weight is
 stored as real int8 with its scale(s); activations are quantized just before the matmul:
@@ -10,9 +11,22 @@ stored as real int8 with its scale(s); activations are quantized just before the
 with X̄, W̄ int8, the inner sum an INT8 GEMM into int32 and the scales applied once per
 output element by the epilogue. ``path="fake"`` is the simulation most papers report:
 ``dequantize(X̄, Δx) @ dequantize(W̄, Δw) + b`` in float; both paths use the very same
-integers, so one layer's outputs agree to float rounding. Through a whole model in float32
-that rounding can flip an int8 code in a later layer (~1e-3 on the logits): compare whole
-models in float64, where they agree to ~1e-15.
+integers, so one layer's outputs agree to float rounding (float64: ~1e-15 relative).
+
+Through a whole model, that rounding can move a value that lies within an ulp of a
+rounding boundary (x/Δ = n + ½) to the other side in a later layer, flipping one int8 code,
+and the flip cascades. Measured in float32 on tiny random GPT-2/OPT models: ~2e-7 relative
+on the logits without a flip, up to 3e-4 relative with one; 9.5e-2 max abs was seen on a
+3-layer OPT with planted outliers. In float64 the paths agree to ~1e-15 *off exact rounding
+ties*. Exact ties are rare with non-zero biases but do occur structurally: with per-tensor
+scales and attention quantization, a one-hot attention row puts an output exactly on v's
+int8 grid (see tests/test_official.py). Compare whole models in float64.
+
+**Per-tensor dynamic = per sequence.** Leaves are called as ``leaf(x, mask)`` with ``x``
+``[B, T, C_in]`` and ``mask`` ``[B, T]`` (1 = real token). A per-tensor dynamic scale is
+taken over each sequence's real tokens, as in the official code, which runs one sequence
+per forward: padding and the other sequences of a batch never set it, so a result does not
+depend on what it was batched with.
 
 Granularities (the paper's Table 2, "dynamic" = scale from the current tensor):
 
@@ -26,7 +40,10 @@ O3       per-tensor            per-tensor, static (calibrated)
 =======  ====================  ============================
 
 naive and O2 quantize alike; the paper's point is that SmoothQuant-O2 (smooth, then O2)
-works where naive W8A8 fails. Per-channel *activation* scales are not in the table: a scale per input channel k cannot
+works where naive W8A8 fails. By default (``skip``) the LM head and OPT's ``project_in`` /
+``project_out`` stay float, as in the official code, which quantizes decoder layers only.
+
+Per-channel *activation* scales are not in the table: a scale per input channel k cannot
 be pulled out of the sum over k, so the GEMM could not run on integers. That is the
 problem SmoothQuant solves by moving the channel ranges into the weights first.
 """
@@ -42,7 +59,10 @@ from .backend import get_array_module, to_numpy
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm
 from .nn import Linear
-from .quant import dequantize, dynamic_scale, quantize_per_channel, quantize_per_tensor, quantize_per_token
+from .quant import (
+    QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_sequence, quantize_per_tensor,
+    quantize_per_token,
+)
 
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("per_token", "per_tensor", "static")
@@ -84,27 +104,38 @@ class W8A8Linear:
     def weights(self) -> str:
         return "per_tensor" if self.w_scale.ndim == 0 else "per_channel"
 
-    def quantize_input(self, x):
-        # [T, C_in] float -> [T, C_in] int8, scale [T, 1] or 0-d
+    def quantize_input(self, x, mask=None):
+        """The input's int8 codes and its scale, per ``acts``:
+
+        * ``per_token``: one scale per token, ``[..., T, 1]``;
+        * ``per_tensor``: one scale per *sequence* over its real tokens (``mask`` ``[..., T]``,
+          1 = real), ``[..., 1, 1]`` (see :func:`~minisq.quant.quantize_per_sequence`), so a
+          sequence quantizes the same alone or padded in a batch;
+        * ``static``: the calibrated scale, 0-d.
+        """
+        # [..., T, C_in] float -> [..., T, C_in] int8, scale broadcastable to [..., T, 1]
         if self.acts == "per_token":
             return quantize_per_token(x)
         if self.acts == "per_tensor":
-            return quantize_per_tensor(x)
+            return quantize_per_sequence(x, mask)
         return quantize_per_tensor(x, self.x_scale)
 
-    def __call__(self, x):
-        # [..., C_in] float -> [..., C_out] float (same dtype as x)
+    def __call__(self, x, mask=None):
+        # [..., T, C_in] float, [..., T] 0/1 or None -> [..., T, C_out] float (same dtype as x)
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"W8A8Linear expects inputs [..., {self.in_features}], got {x.shape}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                          # [T, C_in]
-        x_q, x_s = self.quantize_input(x2)                            # int8, scale
+        x_q, x_s = self.quantize_input(x, mask)                      # int8, scale
+        x_q = x_q.reshape(-1, self.in_features)                      # [N, C_in], N = all tokens
+        if x_s.ndim > 0:                                             # per token / per sequence
+            xp = get_array_module(x_s)
+            x_s = xp.broadcast_to(x_s, lead + (1,)).reshape(-1, 1)   # [N, 1]
         w_s = self.w_scale.astype(x.dtype)
         if self.path == "int":
-            acc = int8_gemm(x_q, self.w_q)                            # [T, C_out] int32
+            acc = int8_gemm(x_q, self.w_q)                            # [N, C_out] int32
             y = dequant_epilogue(acc, x_s, w_s, self.b, out_dtype=x.dtype)
         else:
-            y = dequantize(x_q, x_s) @ dequantize(self.w_q, w_s)      # [T, C_out] float
+            y = dequantize(x_q, x_s) @ dequantize(self.w_q, w_s)      # [N, C_out] float
             if self.b is not None:
                 y = y + self.b
         return y.reshape(*lead, self.out_features)
@@ -138,15 +169,29 @@ def _check_choice(name: str, value: str, options: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {options}")
 
 
+ATTN_BMM_MODES = (False, True, "static")
+
+# Leaves the official SmoothQuant code keeps in float: it quantizes decoder-layer linears
+# only, so the LM head and OPT's embedding projections (opt-350m's project_in/out) stay float.
+DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
+
+
 def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
-             stats=None, path: str = "int", skip=("lm_head",), attn_bmm: bool = False):
+             stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False):
     """A new W8A8 model: every float linear leaf (except ``skip``) becomes a W8A8 leaf.
 
     ``preset`` ("naive", "O1", "O2", "O3") sets ``weights`` and ``acts`` as in the paper's
     Table 2. ``acts="static"`` needs ``stats`` from :func:`minisq.calibrate` on this very
     model (after smoothing, if it was smoothed). ``skip`` holds glob patterns of leaf names
-    kept in float. ``attn_bmm=True`` also quantizes the attention products q·kᵀ and p·v
-    (per-tensor dynamic INT8 operands). The input model is untouched.
+    kept in float; the default keeps the official code's layer set (decoder-layer linears
+    only: ``lm_head`` and OPT's ``project_in``/``project_out`` stay float).
+
+    ``attn_bmm`` quantizes attention as the official SmoothQuant code does (see
+    :class:`AttentionQuant`): ``True`` quantizes the outputs of the q, k and v projections
+    with the activation granularity (static scales for ``acts="static"``) and keeps the
+    softmax probabilities P in float; ``"static"`` is the official int8 OPT model's scheme
+    (needs ``acts="static"``, i.e. O3): static q/k/v scales and P as int8 at 1/127. The input
+    model is untouched.
     """
     if preset is not None:
         if preset not in PRESETS:
@@ -155,6 +200,11 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     _check_choice("weights", weights, WEIGHT_GRANULARITIES)
     _check_choice("acts", acts, ACT_GRANULARITIES)
     _check_choice("path", path, PATHS)
+    if not any(attn_bmm is mode or (isinstance(attn_bmm, str) and attn_bmm == mode) for mode in ATTN_BMM_MODES):
+        raise ConfigError(f"attn_bmm={attn_bmm!r} is not one of {ATTN_BMM_MODES}")
+    if attn_bmm == "static" and acts != "static":
+        raise ConfigError("attn_bmm='static' is the official int8 O3 path: it needs acts='static' (preset 'O3') "
+                          "and calibration stats")
     if model.info.get("quantization"):
         raise ConfigError("this model is already quantized; quantize the float (or smoothed) model instead")
     if model.dtype not in (np.float32, np.float64):
@@ -175,29 +225,96 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     info = dict(preset=preset or "custom", weights=weights, acts=acts, path=path,
                 skip=list(skip), attn_bmm=attn_bmm)
     qmodel = model.replace_linears(swap, quantization=info)
-    if attn_bmm:
-        qmodel = qmodel.evolve(attn_matmul=Int8BMM(path))
+    if attn_bmm is not False:
+        static = static_qkv_scales(model, stats) if acts == "static" else None
+        qmodel = qmodel.evolve(attn_quant=AttentionQuant(acts, path, static, probs_int8=attn_bmm == "static"))
     return qmodel
 
 
-@dataclasses.dataclass(frozen=True)
-class Int8BMM:
-    """Batched matmul on int8 operands: ``a @ b`` ≈ Δa · (Ā @ B̄) · Δb, per-tensor dynamic
-    scales (the official code's BMM quantization of q·kᵀ and p·v)."""
+def static_qkv_scales(model, stats) -> tuple:
+    """Per layer ``(Δq, Δk, Δv)`` = calibrated ``max|y| / 127`` of the q, k and v projection
+    outputs (the official ``get_static_decoder_layer_scales``), in the model's dtype, with the
+    quantizers' zero-range guard. GPT-2's fused ``c_attn`` gives q, k, v as thirds of its
+    output: each third has its own range."""
+    xp = model.xp
+    out = []
+    for i in range(model.config.num_layers):
+        maxima = stats.qkv_absmax(model, i)
+        out.append(tuple(dynamic_scale(xp, xp.asarray(m, dtype=model.dtype)) for m in maxima))
+    return tuple(out)
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionQuant:
+    """Attention with quantized q, k, v — the official SmoothQuant scheme.
+
+    The official fake-quant code does not quantize the operands of the two batched matmuls
+    directly: it quantizes the *outputs of the q, k and v projections* with the activation
+    granularity (per-token, or per-tensor = per sequence), before q is multiplied by 1/√D,
+    and it leaves the softmax probabilities P in float:
+
+        scores = (q̂ · 1/√D) k̂ᵀ + bias,   P = softmax(scores),   out = P v̂
+
+    with ``x̂ = dequantize(quantize(x))``. ``path="int"`` computes the same thing on the
+    integers: ``q̄ k̄ᵀ`` is an INT8 BMM into int32 and the epilogue multiplies by
+    ``(Δq[t] · 1/√D) · Δk[s]`` (a row and a column scale, as in a W8A8 GEMM); ``P v̂`` stays
+    a float matmul because P has no int8 form in this scheme.
+
+    ``probs_int8=True`` (``acts="static"`` only) is the official *int8* OPT model: static
+    q/k/v scales and P quantized to int8 with the fixed scale 1/127 (P ∈ [0, 1]), so P·V is
+    an INT8 BMM too: ``out = (1/127 · Δv) · (P̄ V̄)``. ``static`` holds ``(Δq, Δk, Δv)`` per
+    layer. Differences that remain from the official int8 kernels: minisq keeps the linear
+    biases in float (torch-int quantizes them to int8), folds 1/√D into the epilogue rather
+    than into q_proj's weights (the same up to rounding), and clips codes to ±127 (the
+    official kernels can produce -128).
+    """
+
+    acts: str = "per_token"
     path: str = "int"
+    static: tuple | None = None
+    probs_int8: bool = False
 
-    def __call__(self, a, b):
-        # [..., M, K] float, [..., K, N] float -> [..., M, N] float
-        a_q, a_s = quantize_per_tensor(a)
-        b_q, b_s = quantize_per_tensor(b)
+    def quantize(self, x, mask, which: int, layer: int):
+        # [B, T, C] float, [B, T] -> [B, T, C] int8, scale [B, T, 1] (broadcast per token)
+        if self.acts == "per_token":
+            x_q, s = quantize_per_token(x)
+        elif self.acts == "per_tensor":
+            x_q, s = quantize_per_sequence(x, mask)
+        else:
+            x_q, s = quantize_per_tensor(x, self.static[layer][which])
+        xp = get_array_module(x)
+        return x_q, xp.broadcast_to(xp.asarray(s, dtype=x.dtype), x.shape[:-1] + (1,))
+
+    def __call__(self, layer: int, q, k, v, mask, bias, scale: float, num_heads: int, cache=None):
+        """Attention output ``[B, T, C]`` from the q, k, v projection outputs ``[B, T, C]``
+        (``mask`` ``[B, T]`` marks the new tokens that are real; ``bias`` ``[B, 1, T, S]``).
+        The KV cache stores k and v as int8 codes with their per-token scales."""
+        from .nn import merge_heads, softmax, split_heads
+
+        xp = get_array_module(q)
+        dtype = q.dtype
+        (q_q, q_s), (k_q, k_s), (v_q, v_s) = (self.quantize(a, mask, j, layer) for j, a in enumerate((q, k, v)))
+        q_q, k_q, v_q = (split_heads(a, num_heads) for a in (q_q, k_q, v_q))      # [B, H, T, D] int8
+        q_s, k_s, v_s = (s[:, None] for s in (q_s, k_s, v_s))                     # [B, 1, T, 1]
+        if cache is not None:
+            k_q, k_s, v_q, v_s = cache.update(layer, k_q, k_s, v_q, v_s)         # [.., S, ..]
         if self.path == "fake":
-            return dequantize(a_q, a_s) @ dequantize(b_q, b_s)
-        lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        A = a_q.reshape(-1, *a.shape[-2:])
-        B = b_q.reshape(-1, *b.shape[-2:])
-        acc = int8_bmm(A, B)                                          # [batch, M, N] int32
-        return dequant_epilogue(acc, a_s, b_s, None, out_dtype=a.dtype).reshape(*lead, *acc.shape[-2:])
+            scores = (dequantize(q_q, q_s) * dtype.type(scale)) @ dequantize(k_q, k_s).swapaxes(-1, -2)
+        else:
+            acc = int8_bmm(q_q, k_q.swapaxes(-1, -2))                          # [B, H, T, S] int32
+            # the W8A8 epilogue with a row (query token) and a column (key token) scale
+            scores = acc.astype(dtype) * ((q_s * dtype.type(scale)) * k_s.swapaxes(-1, -2))
+        scores += bias
+        p = softmax(scores, inplace=True)                                     # [B, H, T, S]
+        if not self.probs_int8:
+            return merge_heads(p @ dequantize(v_q, v_s))
+        p_q = xp.clip(xp.rint(p * dtype.type(QMAX)), 0, QMAX).astype(xp.int8)  # P̄ = round(127 P)
+        p_s = xp.asarray(1 / QMAX, dtype=dtype)
+        v_s0 = self.static[layer][2]                                         # static: one Δv
+        if self.path == "fake":
+            return merge_heads(dequantize(p_q, p_s) @ dequantize(v_q, v_s0))
+        acc = int8_bmm(p_q, v_q)                                             # [B, H, T, D] int32
+        return merge_heads(acc.astype(dtype) * (p_s * v_s0))
 
 
 def weight_memory(model) -> dict:

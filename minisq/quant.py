@@ -105,7 +105,13 @@ def _static_scale(xp, scale, dtype, shape: tuple, also: tuple = ()):
 
 
 def dynamic_scale(xp, absmax):
-    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal."""
+    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal.
+
+    The official SmoothQuant code guards differently: it clamps max|x| at 1e-5 before
+    dividing by 127, so a tensor whose range is below 1e-5 gets Δ = 1e-5/127 there and
+    Δ = max|x|/127 here (down to float's smallest normal). The two agree on every range
+    ≥ 1e-5, which is all real activations and weights.
+    """
     # [...] float -> [...] float (same dtype)
     s = absmax / QMAX
     return xp.where(s < xp.finfo(s.dtype).tiny, xp.ones_like(s), s)
@@ -157,6 +163,35 @@ def quantize_per_token(x, scale=None):
         s = dynamic_scale(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
     else:
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
+    return _quantize(xp, x, s), s
+
+
+def quantize_per_sequence(x, mask=None):
+    """Per-tensor dynamic quantization of *each sequence* over its real tokens:
+    ``Δ[b] = max_{t real, c} |x[b, t, c]| / 127``.
+
+    This is what "per-tensor dynamic" means for a batch: the official SmoothQuant code runs
+    one sequence per forward, so its per-tensor scale is one sequence's. Taking the max over
+    the whole ``[B, T, C]`` batch instead would let padding tokens and *other sequences* set
+    each sequence's scale, and a result would depend on what it was batched with. Padding
+    tokens (``mask == 0``) are quantized with their sequence's scale (clipped to ±127) but
+    never set it. ``x`` of 1 or 2 dimensions (``[C]``, ``[T, C]``) is one sequence.
+    """
+    # [..., T, C] float, [..., T] 0/1 or None -> [..., T, C] int8, [..., 1, 1] float ([] for x [T, C])
+    xp, x = _float_input(x)
+    if x.size == 0:
+        raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
+    _check_finite(xp, x)
+    token_max = xp.max(xp.abs(x), axis=-1)                                        # [..., T]
+    if mask is not None:
+        mask = xp.asarray(mask)
+        if mask.shape != x.shape[:-1]:
+            raise ShapeError(f"mask has shape {mask.shape}, expected {x.shape[:-1]} for x {x.shape}")
+        token_max = xp.where(mask > 0, token_max, xp.zeros_like(token_max))
+    if x.ndim < 3:
+        s = dynamic_scale(xp, xp.asarray(xp.max(token_max)))                       # []
+    else:
+        s = dynamic_scale(xp, xp.max(token_max, axis=-1)[..., None, None])        # [..., 1, 1]
     return _quantize(xp, x, s), s
 
 

@@ -1029,23 +1029,32 @@ same = np.array_equal(y, leaf(x))
 check("accumulator == int64 reference, and the steps == the layer (bitwise)", (True, True), (exact, same),
       exact and same)
 %% md
-## 3. INT8 attention products
+## 3. Quantized attention, as the official code does it
 
-`attn_bmm=True` also runs attention's two batched matmuls, $q k^\top$ and $p\,v$, on int8
-operands (per-tensor dynamic scales, as in the official SmoothQuant code), through
-`minisq.int8_bmm`. It costs a little more accuracy; in float64 its integer and fake paths
-must again agree.
+The official SmoothQuant code does not quantize the operands of attention's two batched
+matmuls directly. It quantizes the **outputs of the q, k and v projections** (with the
+activation granularity, before q is multiplied by $1/\sqrt{D}$) and leaves the softmax
+probabilities $P$ in float. `attn_bmm=True` does exactly that; in `path="int"`, $q k^\top$
+then runs as an INT8 BMM (`minisq.int8_bmm`) whose epilogue multiplies by a row scale
+(query token) and a column scale (key token), and $P v$ stays a float matmul, since $P$ has
+no int8 form in this scheme. `attn_bmm="static"` is the official *int8* OPT model (preset
+O3 only): calibrated static scales for q, k and v, and $P$ as int8 with the fixed scale
+1/127, so $P v$ is an INT8 BMM too. In float64 the integer and fake paths agree.
 %% code
 q_bmm = minisq.quantize(smoothed, "O3", stats=stats_sm, attn_bmm=True)
-print("attention matmul:", q_bmm.attn_matmul)
+q_static = minisq.quantize(smoothed, "O3", stats=stats_sm, attn_bmm="static")
+print("attention quantizer:", q_bmm.attn_quant.acts, "q/k/v scales; P int8:", q_static.attn_quant.probs_int8)
 ref = model(ids)
-kl = {label: minisq.logit_error(ref, m(ids))["kl"] for label, m in (("linears only", q_sq), ("+ attention", q_bmm))}
+kl = {label: minisq.logit_error(ref, m(ids))["kl"]
+      for label, m in (("linears only", q_sq), ("+ q/k/v", q_bmm), ("+ q/k/v + P int8", q_static))}
 print("KL(float || W8A8):", ", ".join(f"{k} {v:.4g}" for k, v in kl.items()), f"[{NAME}]")
 
-a_int = minisq.quantize(smoothed64, "O3", stats=stats_sm64, attn_bmm=True, path="int")(ids)
-a_fake = minisq.quantize(smoothed64, "O3", stats=stats_sm64, attn_bmm=True, path="fake")(ids)
-rel_bmm = float(np.abs(a_int - a_fake).max() / np.abs(a_fake).max())
-check("INT8 attention: integer path == fake path in float64 (relative)", "≤ 1e-12", f"{rel_bmm:.1e}",
+rel_bmm = 0.0
+for mode in (True, "static"):
+    a_int = minisq.quantize(smoothed64, "O3", stats=stats_sm64, attn_bmm=mode, path="int")(ids)
+    a_fake = minisq.quantize(smoothed64, "O3", stats=stats_sm64, attn_bmm=mode, path="fake")(ids)
+    rel_bmm = max(rel_bmm, float(np.abs(a_int - a_fake).max() / np.abs(a_fake).max()))
+check("quantized attention: integer path == fake path in float64 (relative)", "≤ 1e-12", f"{rel_bmm:.1e}",
       rel_bmm <= 1e-12)
 %% md
 ## 4. KV-cache decoding equals the full forward
@@ -1053,8 +1062,10 @@ check("INT8 attention: integer path == fake path in float64 (relative)", "≤ 1e
 Decoding feeds one token at a time and keeps the past keys and values. A quantized model
 gives the same logits that way as on the whole sequence **only if each token is quantized
 independently of the others**: per-token scales (O1) and static scales (O3) are; a dynamic
-per-tensor scale (naive/O2) is the max over *all tokens in the call*, so a one-token call
-gets a different scale than the full sequence did.
+per-tensor scale (naive/O2) is the max over *all tokens of the sequence in the call*, so a
+one-token call gets a different scale than the full sequence did. (It is never the max over
+the other sequences of a batch, or over padding: a sequence quantizes the same alone or
+batched.)
 %% code
 def decode_incrementally(m, ids, n_prompt):
     # logits of the prompt in one call, then one call per token with the KV cache: [B, T, V]

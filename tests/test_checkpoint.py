@@ -381,6 +381,18 @@ def test_bool_bytes_become_clean_bools(tmp_path):
     assert got.dtype == np.bool_ and list(got.view(np.uint8)) == [0, 1, 1]
 
 
+def test_zero_stride_tensors_are_refused_before_allocating(tmp_path):
+    """An expanded (stride-0) tensor claims more elements than its storage holds: a hostile
+    file could make a 4-byte storage claim terabytes. Refused, so memory stays bounded by
+    the file's size."""
+    torch.save({"expanded": torch.arange(3.0).expand(4, 3)}, tmp_path / "x.bin")
+    with pytest.raises(CheckpointError, match="more elements than its storage"):
+        read_pytorch_bin(tmp_path / "x.bin")
+    torch.save({"huge": torch.zeros(1).expand(10**6, 10**6)}, tmp_path / "y.bin")
+    with pytest.raises(CheckpointError, match="more elements than its storage"):
+        read_pytorch_bin(tmp_path / "y.bin", lazy=True)
+
+
 def test_unexpected_errors_become_checkpoint_errors(monkeypatch, small_safetensors, small_bin):
     """Whatever goes wrong inside a reader, the caller sees CheckpointError naming the file."""
     import minisq.checkpoint
@@ -408,12 +420,11 @@ def test_bin_every_dtype_and_strided_tensors(tmp_path):
         "transposed": base.t(),
         "sliced": base[1:, 2:],  # storage offset 8, row stride 6
         "stepped": base[:, ::2],
-        "expanded": torch.arange(3.0).expand(4, 3),  # stride 0
         "param": torch.nn.Parameter(torch.ones(2, 2)),
     }
     # the layouts really are non-contiguous, so the strided path is what gets tested
     assert not strided["transposed"].is_contiguous() and strided["sliced"].storage_offset() == 8
-    assert strided["stepped"].stride() == (6, 2) and strided["expanded"].stride() == (0, 1)
+    assert strided["stepped"].stride() == (6, 2)
     tensors = {**_every_dtype(), **strided}
     torch.save(tensors, tmp_path / "x.bin")
     got = read_pytorch_bin(tmp_path / "x.bin")

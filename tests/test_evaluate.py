@@ -98,3 +98,22 @@ def test_perplexity_errors(make_checkpoint):
         perplexity(model, np.arange(100), seq_len=128, progress=False)
     with pytest.raises(minisq.InputError, match="tokenizer"):
         perplexity(model.evolve(tokenizer=None), "some text", progress=False)
+
+
+def test_last_word_needs_every_token_and_last_token_only_the_final_one(make_checkpoint):
+    """A two-token last word whose first token greedy decoding gets right and whose second it
+    gets wrong is wrong under "last_word" (lm-eval), and the reverse case is right under
+    "last_token" (the official SmoothQuant notebook) but wrong under "last_word"."""
+    model = minisq.load(make_checkpoint("gpt2")[0])
+    rng = np.random.default_rng(3)
+    ctx = rng.integers(3, 101, 10)
+    greedy = model.generate(ctx, max_new_tokens=2)[len(ctx):]             # [g1, g2]
+    first_right = np.array([greedy[0], (greedy[1] + 1) % 101])            # g1 right, then wrong
+    g2_after_wrong = model.generate(np.concatenate([ctx, [(greedy[0] + 1) % 101]]), max_new_tokens=1)[-1]
+    last_right = np.array([(greedy[0] + 1) % 101, g2_after_wrong])        # first wrong, last right
+    pairs = [(ctx, greedy), (ctx, first_right), (ctx, last_right)]
+    np.testing.assert_array_equal(last_word_correct(model, pairs, progress=False), [True, False, False])
+    np.testing.assert_array_equal(last_word_correct(model, pairs, progress=False, metric="last_token"),
+                                  [True, False, True])
+    with pytest.raises(minisq.InputError, match="metric"):
+        last_word_correct(model, pairs, progress=False, metric="first_token")

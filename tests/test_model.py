@@ -70,9 +70,9 @@ def test_activations_stay_float32(make_checkpoint, family):
     seen = []
 
     def spy(name, leaf):
-        def wrapped(x):
+        def wrapped(x, mask=None):
             seen.append((name, x.dtype))
-            return leaf(x)
+            return leaf(x, mask)
         return wrapped
 
     model.replace_linears(spy)(_ids(4, (1, 5)))

@@ -104,6 +104,21 @@ def test_leaf_edge_cases(student, x_shape, dtype, bias, weights, acts, path, abs
 
 
 @pytest.mark.a4_3
+@pytest.mark.parametrize("acts", ["per_tensor", "per_token"])
+def test_leaf_with_padding_mask(student, acts):
+    """A right-padded batch: per-tensor scales are per sequence, over real tokens only."""
+    leaf, x = leaf_and_x((2, 5, 12), 6, seed=3)
+    x[1, 3:] *= 50.0                                    # huge padding tokens must not set the scale
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    want = minisq.quantize_linear(leaf, "per_channel", acts, None, "int")
+    mine = student.quantize_leaf(leaf, "per_channel", acts, None, "int")
+    y = want(x, mask)
+    assert_close("your W8A8 leaf's output on a padded batch", mine(x, mask), y, rtol=1e-5,
+                 atol=1e-6 * float(np.abs(y).max()),
+                 explain="per_tensor: Δx per sequence = max |x| over its real tokens (mask == 1) / 127")
+
+
+@pytest.mark.a4_3
 @pytest.mark.parametrize("kwargs", [dict(weights="per_row"), dict(acts="per_channel"), dict(acts="static"),
                                     dict(path="float")], ids=["weights", "acts", "static-without-scale", "path"])
 def test_leaf_rejects_bad_choices(student, kwargs):

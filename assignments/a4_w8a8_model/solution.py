@@ -26,8 +26,8 @@ import fnmatch
 
 import numpy as np
 
-from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_tensor,
-                    quantize_per_token)
+from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_sequence,
+                    quantize_per_tensor, quantize_per_token)
 
 QMAX = 127
 WEIGHT_QUANTIZERS = {"per_channel": quantize_per_channel, "per_tensor": quantize_per_tensor}
@@ -49,11 +49,11 @@ def calibrate_channel_absmax(model, batches):
     absmax = {}
 
     def observe(name, leaf):
-        def observed(x):
+        def observed(x, mask=None):
             # [..., C_in] -> [..., C_out]; records max |x| per input channel
             seen = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0).astype(np.float64)   # [C_in]
             absmax[name] = np.maximum(absmax[name], seen) if name in absmax else seen
-            return leaf(x)
+            return leaf(x, mask)
         return observed
 
     observed_model = model.replace_linears(observe)
@@ -99,19 +99,26 @@ class QLinear:
     def out_features(self) -> int:
         return self.w_q.shape[1]
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         """``y ≈ x @ w + b``: quantize x (per ``acts``), then the int or fake path (see module doc).
 
-        x is flattened to ``[T, C_in]`` and the result reshaped back; it has x's dtype.
+        ``x`` is ``[..., T, C_in]`` and ``mask`` ``[..., T]`` (1 = real token, 0 = padding, or
+        None). "per_tensor" means one dynamic scale per *sequence* over its real tokens
+        (``minisq.quantize_per_sequence(x, mask)``); the codes are then flattened to
+        ``[N, C_in]`` and the result reshaped back; it has x's dtype.
         """
         # Task 4.3
-        # [..., C_in] float -> [..., C_out] float (x's dtype)
+        # [..., T, C_in] float, [..., T] or None -> [..., T, C_out] float (x's dtype)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                               # [T, C_in]
         if self.acts == "per_token":
-            x_q, x_scale = quantize_per_token(x2)                          # [T, C_in] int8, [T, 1]
+            x_q, x_scale = quantize_per_token(x)                           # [..., T, C_in] int8, [..., T, 1]
+        elif self.acts == "per_tensor":
+            x_q, x_scale = quantize_per_sequence(x, mask)                  # int8, [..., 1, 1] (or [])
         else:
-            x_q, x_scale = quantize_per_tensor(x2, self.x_scale)           # [T, C_in] int8, []
+            x_q, x_scale = quantize_per_tensor(x, self.x_scale)            # int8, []
+        x_q = x_q.reshape(-1, self.in_features)                            # [N, C_in]
+        if x_scale.ndim > 0:
+            x_scale = np.broadcast_to(x_scale, lead + (1,)).reshape(-1, 1)  # [N, 1]
         w_scale = self.w_scale.astype(x.dtype)
         if self.path == "int":
             acc = int8_gemm(x_q, self.w_q)                                 # [T, C_out] int32

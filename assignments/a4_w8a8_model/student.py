@@ -28,8 +28,8 @@ import fnmatch
 
 import numpy as np
 
-from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_tensor,
-                    quantize_per_token)
+from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_sequence,
+                    quantize_per_tensor, quantize_per_token)
 
 QMAX = 127
 WEIGHT_QUANTIZERS = {"per_channel": quantize_per_channel, "per_tensor": quantize_per_tensor}
@@ -82,13 +82,16 @@ class QLinear:
     def out_features(self) -> int:
         return self.w_q.shape[1]
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         """``y ≈ x @ w + b``: quantize x (per ``acts``), then the int or fake path (see module doc).
 
-        x is flattened to ``[T, C_in]`` and the result reshaped back; it has x's dtype.
+        ``x`` is ``[..., T, C_in]`` and ``mask`` ``[..., T]`` (1 = real token, 0 = padding, or
+        None). "per_tensor" means one dynamic scale per *sequence* over its real tokens
+        (``minisq.quantize_per_sequence(x, mask)``); the codes are then flattened to
+        ``[N, C_in]`` and the result reshaped back; it has x's dtype.
         """
         # Task 4.3
-        # [..., C_in] float -> [..., C_out] float (x's dtype)
+        # [..., T, C_in] float, [..., T] or None -> [..., T, C_out] float (x's dtype)
         raise NotImplementedError("Task 4.3: implement QLinear.__call__ (see HANDOUT.md)")
 
 

@@ -15,10 +15,10 @@ def calibrate_channel_absmax(model, batches):
     absmax = {}
 
     def observe(name, leaf):
-        def observed(x):
+        def observed(x, mask=None):
             seen = x.reshape(-1, x.shape[-1]).max(axis=0).astype(np.float64)
             absmax[name] = np.maximum(absmax[name], seen) if name in absmax else seen
-            return leaf(x)
+            return leaf(x, mask)
         return observed
 
     observed_model = model.replace_linears(observe)

@@ -5,8 +5,8 @@ import fnmatch
 
 import numpy as np
 
-from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_tensor,
-                    quantize_per_token)
+from minisq import (dequant_epilogue, dequantize, int8_gemm, quantize_per_channel, quantize_per_sequence,
+                    quantize_per_tensor, quantize_per_token)
 
 QMAX = 127
 WEIGHT_QUANTIZERS = {"per_channel": quantize_per_channel, "per_tensor": quantize_per_tensor}
@@ -19,10 +19,10 @@ def calibrate_channel_absmax(model, batches):
     seen = {}
 
     def wrap(name, leaf):
-        def call(x):
+        def call(x, mask=None):
             m = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0).astype(np.float64)
             seen[name] = m if name not in seen else np.maximum(seen[name], m)
-            return leaf(x)
+            return leaf(x, mask)
         return call
 
     wrapped = model.replace_linears(wrap)
@@ -58,14 +58,16 @@ class QLinear:
     def out_features(self) -> int:
         return self.w_q.shape[1]
 
-    def __call__(self, x):
-        flat = x.reshape(-1, self.in_features)
+    def __call__(self, x, mask=None):
         if self.acts == "per_token":
-            x_q, x_s = quantize_per_token(flat)
+            x_q, x_s = quantize_per_token(x)                       # [..., T, 1]
         elif self.acts == "per_tensor":
-            x_q, x_s = quantize_per_tensor(flat)
+            x_q, x_s = quantize_per_sequence(x, mask)              # one scale per sequence
         else:
-            x_q, x_s = quantize_per_tensor(flat, self.x_scale)
+            x_q, x_s = quantize_per_tensor(x, self.x_scale)        # the static scale
+        x_q = x_q.reshape(-1, self.in_features)
+        if np.ndim(x_s) > 0:                                       # one scale per flattened row
+            x_s = np.broadcast_to(x_s, x.shape[:-1] + (1,)).reshape(-1, 1)
         w_s = self.w_scale.astype(x.dtype)
         if self.path == "int":
             y = dequant_epilogue(int8_gemm(x_q, self.w_q), x_s, w_s, self.b, out_dtype=x.dtype)
