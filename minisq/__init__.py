@@ -7,8 +7,8 @@ other names are imported with ``from minisq.smooth import SMOOTHING_TABLE`` and 
 
 from . import backend, data, evaluate  # noqa: F401
 from .calibrate import CalibrationStats, calibrate  # noqa: F401
-from .check import check_equivalence, layer_errors, logit_error, sqnr_db  # noqa: F401
 from .config import ModelConfig  # noqa: F401
+from .diagnostics import check_equivalence, layer_errors, logit_error, sqnr_db  # noqa: F401
 from .errors import (  # noqa: F401
     CalibrationError, CheckpointError, ConfigError, DataError, DeviceError, InputError,
     MinisqError, NonFiniteError, ShapeError, UnsafePickleError,
@@ -26,6 +26,7 @@ from .quant import (  # noqa: F401
 from .smooth import (  # noqa: F401
     NOT_FOLDABLE, SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors, weight_absmax,
 )
+from .stream import forward_layerwise, quantize_checkpoint  # noqa: F401
 from .synthetic import synthetic_model  # noqa: F401
 
 __version__ = "0.1.0"

@@ -31,17 +31,15 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import CalibrationError
+from .families import FAMILIES, family_for
 from .progress import progress as show_progress
 
 _FORMAT = "minisq-calibration-v1"
 
-# Where attention's q, k and v come from, per family: (leaf name, part, parts) — the
-# output of leaf ``name`` cut into ``parts`` equal pieces along C_out, piece ``part``.
-QKV_OUTPUTS = {
-    "gpt2": (("h.{i}.attn.c_attn", 0, 3), ("h.{i}.attn.c_attn", 1, 3), ("h.{i}.attn.c_attn", 2, 3)),
-    "opt": (("layers.{i}.self_attn.q_proj", 0, 1), ("layers.{i}.self_attn.k_proj", 0, 1),
-            ("layers.{i}.self_attn.v_proj", 0, 1)),
-}
+# Where attention's q, k and v come from, per model_type (each family's QKV_OUTPUTS):
+# (leaf name, part, parts) — the output of leaf ``name`` cut into ``parts`` equal pieces
+# along C_out, piece ``part``.
+QKV_OUTPUTS = {model_type: family.QKV_OUTPUTS for model_type, family in FAMILIES.items()}
 
 
 @dataclasses.dataclass
@@ -63,7 +61,7 @@ class CalibrationStats:
         """Calibrated ``(max|q|, max|k|, max|v|)`` of layer ``layer``'s q, k, v projection
         outputs, read from ``QKV_OUTPUTS`` (which leaf, which part of its output)."""
         out = []
-        for template, part, parts in QKV_OUTPUTS[model.config.model_type]:
+        for template, part, parts in family_for(model.config).QKV_OUTPUTS:
             name = template.format(i=layer)
             ch = self.output_channel_absmax.get(name)
             if ch is None:
@@ -231,16 +229,22 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
     """Run ``model`` over ``batches`` (texts, or id arrays ``[T]``/``[B, T]``) and return the
     activation ranges of every linear layer's input (and output).
 
-    Each batch runs on its own, unpadded, so padding never enters the statistics.
+    Each batch runs on its own, unpadded, so padding never enters the statistics. A lazy
+    (memory-mapped) model runs layer-outer: each layer over every batch before the next is
+    read, holding one layer and every batch's activations.
     ``keep_samples`` > 0 also keeps that many input rows per layer.
     """
     seqs = _as_sequences(model, batches)
     recorder = _Recorder(keep_samples)
     observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
-    n_tokens = 0
-    for ids in show_progress(seqs, progress, "calibrating"):
-        observed(ids)
-        n_tokens += ids.size
+    n_tokens = sum(int(ids.size) for ids in seqs)
+    if model.lazy:   # memory-mapped: every layer over every sequence, each layer read once
+        from .stream import forward_layerwise
+        for _ in forward_layerwise(observed, [(ids, None) for ids in seqs], progress, "calibrating"):
+            pass
+    else:
+        for ids in show_progress(seqs, progress, "calibrating"):
+            observed(ids)
     return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
                             n_tokens, signature(model), recorder.out_channel)
 

@@ -1,9 +1,11 @@
-"""One config for both model families, read from a Hugging Face ``config.json``.
+"""One config for every model family, read from a Hugging Face ``config.json``.
 
-GPT-2 and OPT are the same decoder-only transformer with different names and a few
-switches. :class:`ModelConfig` keeps the shared numbers under one set of names (the legend
-used across minisq: ``C`` hidden, ``H`` heads, ``D = C // H`` head dim, ``F`` MLP width,
-``V`` vocab, ``P`` positions) and the family switches beside them. Anything a real
+The decoder-only transformers minisq loads share most of their numbers under different
+names. Each family module (:mod:`minisq.families`) reads its own config.json into this one
+dataclass (``minisq.families.read_config`` finds the family by ``model_type``).
+:class:`ModelConfig` keeps the shared numbers under one set of names (the legend used
+across minisq: ``C`` hidden, ``H`` heads, ``D = C // H`` head dim, ``F`` MLP width, ``V``
+vocab, ``P`` positions) and the family switches beside them. Anything a real
 checkpoint could set that minisq does not implement is refused with a :class:`ConfigError`
 naming the option, never silently ignored.
 """
@@ -11,12 +13,9 @@ naming the option, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 
-MODEL_TYPES = ("gpt2", "opt")
 # Activation names as spelled in HF configs -> minisq's implementation.
 # "gelu_new" and "gelu_pytorch_tanh" are the same tanh approximation of GELU.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -97,74 +96,6 @@ def _check_activation(name: str, source: str) -> str:
     return name
 
 
-def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
-    """Map a Hugging Face config dict (GPT-2 or OPT) to a :class:`ModelConfig`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; minisq loads {MODEL_TYPES} "
-            "(GPT-2 and OPT checkpoints)"
-        )
-    if model_type == "gpt2":
-        return _gpt2_config(raw, source)
-    return _opt_config(raw, source)
-
-
-def _gpt2_config(raw: dict, source: str) -> ModelConfig:
-    if raw.get("add_cross_attention"):
-        raise ConfigError(f"{source}: add_cross_attention=True (an encoder-decoder GPT-2) is not supported")
-    C = _get(raw, "n_embd", required=True, source=source)
-    n_inner = _get(raw, "n_inner")
-    cfg = ModelConfig(
-        model_type="gpt2",
-        vocab_size=_get(raw, "vocab_size", required=True, source=source),
-        hidden_size=C,
-        num_layers=_get(raw, "n_layer", required=True, source=source),
-        num_heads=_get(raw, "n_head", required=True, source=source),
-        ffn_dim=n_inner if n_inner else 4 * C,
-        max_positions=_get(raw, "n_positions", 1024),
-        layer_norm_eps=float(_get(raw, "layer_norm_epsilon", 1e-5)),
-        activation=_check_activation(_get(raw, "activation_function", "gelu_new"), source),
-        scale_attn_weights=bool(_get(raw, "scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(_get(raw, "scale_attn_by_inverse_layer_idx", False)),
-        reorder_and_upcast_attn=bool(_get(raw, "reorder_and_upcast_attn", False)),
-        bos_token_id=_get(raw, "bos_token_id", 50256),
-        eos_token_id=_get(raw, "eos_token_id", 50256),
-        pad_token_id=_get(raw, "pad_token_id"),
-        name=raw.get("_name_or_path", "") or "",
-    )
-    return _validate(cfg, source)
-
-
-def _opt_config(raw: dict, source: str) -> ModelConfig:
-    C = _get(raw, "hidden_size", required=True, source=source)
-    proj = _get(raw, "word_embed_proj_dim", C)
-    cfg = ModelConfig(
-        model_type="opt",
-        vocab_size=_get(raw, "vocab_size", required=True, source=source),
-        hidden_size=C,
-        num_layers=_get(raw, "num_hidden_layers", required=True, source=source),
-        num_heads=_get(raw, "num_attention_heads", required=True, source=source),
-        ffn_dim=_get(raw, "ffn_dim", required=True, source=source),
-        max_positions=_get(raw, "max_position_embeddings", 2048),
-        layer_norm_eps=1e-5,  # OPT's LayerNorms use torch's default eps
-        activation=_check_activation(_get(raw, "activation_function", "relu"), source),
-        do_layer_norm_before=bool(_get(raw, "do_layer_norm_before", True)),
-        word_embed_proj_dim=proj if proj != C else None,
-        enable_bias=bool(_get(raw, "enable_bias", True)),
-        layer_norm_elementwise_affine=bool(_get(raw, "layer_norm_elementwise_affine", True)),
-        remove_final_layer_norm=bool(_get(raw, "_remove_final_layer_norm", False)),
-        position_offset=2,
-        bos_token_id=_get(raw, "bos_token_id", 2),
-        eos_token_id=_get(raw, "eos_token_id", 2),
-        pad_token_id=_get(raw, "pad_token_id", 1),
-        name=raw.get("_name_or_path", "") or "",
-    )
-    return _validate(cfg, source)
-
-
 def _validate(cfg: ModelConfig, source: str) -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions"):
         value = getattr(cfg, key)
@@ -174,19 +105,4 @@ def _validate(cfg: ModelConfig, source: str) -> ModelConfig:
         raise ConfigError(
             f"{source}: hidden size {cfg.hidden_size} is not divisible by the number of heads {cfg.num_heads}"
         )
-    return cfg
-
-
-def read_config(folder: Path) -> ModelConfig:
-    """Read ``folder/config.json`` into a :class:`ModelConfig`, with clear errors."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: a Hugging Face model folder needs a config.json beside its weights")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file looks corrupt, re-download it") from None
-    cfg = config_from_hf(raw, source=str(path))
-    if not cfg.name:
-        cfg = dataclasses.replace(cfg, name=Path(folder).name)
     return cfg

@@ -28,14 +28,14 @@ from . import data as datasets
 from . import plots
 from .calibrate import calibrate
 from .backend import to_numpy
-from .check import layer_errors, logit_error
+from .diagnostics import layer_errors, logit_error
 from .config import ModelConfig
 from .errors import DataError, MinisqError
 from .evaluate import lambada_accuracy, perplexity
 from .loading import load
 from .qlinear import PRESETS, quantize, weight_memory
 from .progress import progress
-from .smooth import DEFAULT_GROUPS, smooth
+from .smooth import smooth
 from .synthetic import SYNTHETIC_LABEL, synthetic_model
 from .tokenizer import packaged_gpt2_tokenizer
 
@@ -237,9 +237,7 @@ VARIANTS = (  # (row label, smoothed?, preset or None for float)
 def smoothing_groups(model) -> tuple:
     """The official code's LayerNorm mappings; for post-LN OPT (opt-350m), where folding into
     a LayerNorm is not an equivalence, the two in-block mappings instead."""
-    if model.config.model_type == "opt" and not model.config.do_layer_norm_before:
-        return ("fc1_fc2", "v_out")
-    return DEFAULT_GROUPS
+    return model.family.default_groups(model.config)
 
 
 def evaluate(model, eval_ids, passages, seq_len):
@@ -326,7 +324,7 @@ def make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out: 
     its float line and its point at ``--alpha`` are the table's FP32 and SmoothQuant-O2 rows.
     """
     layer = model.config.num_layers // 2
-    qkv = f"h.{layer}.attn.c_attn" if model.config.model_type == "gpt2" else f"layers.{layer}.self_attn.q_proj"
+    qkv = model.family.QKV_OUTPUTS[0][0].format(i=layer)          # the leaf that gives q
     files = []
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     say(f"figures: activations, channel ranges, per-layer SQNR"

@@ -30,7 +30,7 @@ import numpy as np
 from .backend import to_numpy
 from .errors import InputError
 from .nn import log_softmax
-from .progress import progress
+from .stream import logits_of
 
 
 def _log_softmax_at(logits, targets) -> np.ndarray:
@@ -84,18 +84,14 @@ def perplexity(model, text, seq_len: int | None = None, stride: int | None = Non
         raise InputError(f"{len(ids)} tokens are too few for one window of {L}; lower seq_len")
     spans = windows(len(ids), L, stride)
     nll, count = 0.0, 0
-    for group in _batches(spans, batch_size if stride == L else 1, progress, "perplexity"):
-        batch = np.stack([ids[b:e] for b, e, _ in group])                # [W, L]
-        logits = model(batch)                                              # [W, L, V]
+    groups = [spans[i:i + size] for size in [batch_size if stride == L else 1] for i in range(0, len(spans), size)]
+    batches = [(np.stack([ids[b:e] for b, e, _ in group]), None) for group in groups]   # [W, L] each
+    for group, (batch, _), logits in zip(groups, batches, logits_of(model, batches, progress, "perplexity")):
         for row, (b, e, n) in enumerate(group):
             pred = logits[row, e - b - n - 1: e - b - 1]                   # predicts the last n tokens
             nll -= float(_log_softmax_at(pred, batch[row, e - b - n:]).sum())
             count += n
     return math.exp(nll / count)
-
-
-def _batches(items, size: int, enabled: bool, desc: str):
-    return progress([items[i:i + size] for i in range(0, len(items), size)], enabled, desc)
 
 
 def lambada_pairs(model, passages) -> list:
@@ -132,7 +128,8 @@ def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True,
     correct = np.zeros(len(pairs), dtype=bool)
     P = model.config.max_positions
     order = list(range(len(pairs)))
-    for group in _batches(order, batch_size, progress, "lambada"):
+    groups, batches, all_seqs = [order[i:i + batch_size] for i in range(0, len(order), batch_size)], [], []
+    for group in groups:
         seqs = []
         for i in group:
             ctx, tgt = pairs[i]
@@ -143,7 +140,10 @@ def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True,
         mask = np.zeros((len(seqs), T), np.int64)
         for row, (s, _) in enumerate(seqs):
             ids[row, :len(s)], mask[row, :len(s)] = s, 1
-        pred = to_numpy(model(ids, mask)).argmax(axis=-1)                   # [B, T]
+        batches.append((ids, mask))
+        all_seqs.append(seqs)
+    for group, seqs, logits in zip(groups, all_seqs, logits_of(model, batches, progress, "lambada")):
+        pred = to_numpy(logits).argmax(axis=-1)                              # [B, T]
         for row, i in enumerate(group):
             s, n = seqs[row]
             hits = pred[row, len(s) - n: len(s)] == pairs[i][1]                  # [n] per target token

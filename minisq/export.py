@@ -10,6 +10,9 @@ A saved folder holds
   smoothing factors' tensor names;
 * ``tokenizer.json`` when the model has a tokenizer.
 
+A big model written layer by layer (:func:`minisq.quantize_checkpoint`) keeps its arrays in
+several safetensors shards instead, listed under ``"shards"`` in ``minisq.json``.
+
 The float weights are not needed to reload a quantized model, and a reloaded model gives
 bit-identical logits. ``minisq.load(folder)`` recognizes such a folder by its minisq.json.
 """
@@ -25,9 +28,12 @@ import numpy as np
 from .backend import to_numpy
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .model import Model, is_linear_leaf
+from .families import family_for
 from .nn import Linear
 from .qlinear import AttentionQuant, W8A8Linear
+from .storage import materialize
+from .tokenizer import load_tokenizer
+from .tree import is_linear_leaf
 
 FORMAT = "minisq-model-v1"
 LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear}
@@ -87,18 +93,21 @@ def _decode(node, tensors: dict, source: str):
     raise CheckpointError(f"{source}: unreadable entry {str(node)[:80]}")
 
 
-def save_model(model: Model, folder) -> Path:
+def save_model(model, folder) -> Path:
     """Write ``model`` (float, smoothed or quantized) to ``folder``; returns the folder."""
     from safetensors.numpy import save_file
 
     if model.device != "cpu":
         model = model.to("cpu")
+    if model.stored:   # weights kept as float16/bfloat16 or memory-mapped: written in the compute dtype
+        model = model.evolve(params=materialize(model.params, model.dtype),
+                             info={k: v for k, v in model.info.items() if k != "storage"})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     embedding = model._embedding()
     # the embedding first, so that the tied lm_head can refer to it
-    params = {"wte" if "wte" in model.params else "embed_tokens": embedding,
+    params = {family_for(model.config).EMBEDDING: embedding,
               **{k: v for k, v in model.params.items() if v is not embedding}}
     skeleton = _encode(params, "", tensors, embedding)
     info = _encode(model.info, "info", tensors)
@@ -117,8 +126,9 @@ def save_model(model: Model, folder) -> Path:
     return folder
 
 
-def load_saved(folder, device: str = "cpu") -> Model:
-    """Read a folder written by :func:`save_model` (``minisq.load`` calls this)."""
+def load_saved(folder) -> dict:
+    """Read a folder written by :func:`save_model`: the fields of a
+    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them)."""
     from .checkpoint import read_safetensors
 
     folder = Path(folder)
@@ -129,7 +139,14 @@ def load_saved(folder, device: str = "cpu") -> Model:
         raise CheckpointError(f"{path} is unreadable ({exc}); the saved model looks corrupt, save it again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    tensors = read_safetensors(folder / "model.safetensors")
+    tensors = {}
+    for shard in meta.get("shards", ["model.safetensors"]) if isinstance(meta, dict) else []:
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{path} names the shard {shard!r}, which is not a file in {folder}")
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{folder} lacks {shard}, which {path.name} lists: the saved model is "
+                                  "incomplete (an interrupted copy or run?); save or quantize it again")
+        tensors.update(read_safetensors(folder / shard))
     try:
         config = ModelConfig.from_dict(meta["config"])
         params = _decode(meta["params"], tensors, str(folder))
@@ -145,10 +162,8 @@ def load_saved(folder, device: str = "cpu") -> Model:
         attn_quant = AttentionQuant(**fields)
     tokenizer = None
     if meta.get("tokenizer"):
-        from .tokenizer import load_tokenizer
         tokenizer = load_tokenizer(folder, config.model_type)
-    model = Model(config, params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
-    return model.to(device) if device != "cpu" else model
+    return dict(config=config, params=params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
 
 
 def folder_bytes(folder) -> int:

@@ -1,4 +1,4 @@
-"""A decoder-only transformer (GPT-2 and OPT) as pure array code over a parameter tree.
+"""A decoder-only transformer as pure array code over a parameter tree.
 
 Legend: B batch, T new tokens, S tokens attended to (past + new), C hidden, H heads,
 D head dim, F MLP width, V vocab, E token-embedding width (= C except opt-350m).
@@ -8,6 +8,10 @@ for GPT-2, ``layers.3.self_attn.q_proj`` for OPT), with one kind of leaf for eve
 layer (see :mod:`minisq.nn`): ``model.linears()`` lists them by dotted name and
 ``model.replace_linears(fn)`` returns a new model with some of them swapped, which is all
 that calibration and quantization need. A model is never changed in place.
+
+What differs between architectures lives in one module per family (:mod:`minisq.families`):
+``Model.forward`` is the family's ``embed``, then its ``block`` for every layer, then its
+``head``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
+from .families import family_for
+from .storage import is_stored, materialize
+from .tree import _map, _map_arrays, _walk, get_param, is_linear_leaf, replace_param  # noqa: F401
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -75,55 +82,17 @@ class KVCache:
         self.length = mask.shape[1]
 
 
-def is_linear_leaf(node) -> bool:
-    """True for the swappable linear leaves of the parameter tree (anything callable that is
-    not a container or array)."""
-    return callable(node) and not isinstance(node, (dict, list, tuple)) and not hasattr(node, "shape")
+@dataclasses.dataclass
+class Inputs:
+    """One forward call's inputs, checked: ids/positions/new_mask ``[B, T]``, mask ``[B, S]``
+    (all tokens, cached ones included), bias ``[B, 1, T, S]``."""
 
-
-def _walk(node, prefix: str):
-    # yields (dotted name, leaf) for every linear leaf below node
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield from _walk(child, f"{prefix}{key}.")
-    elif isinstance(node, list):
-        for i, child in enumerate(node):
-            yield from _walk(child, f"{prefix}{i}.")
-    elif is_linear_leaf(node):
-        yield prefix[:-1], node
-
-
-def _map(node, fn, prefix: str):
-    # a new tree where every linear leaf is replaced by fn(name, leaf); arrays are shared
-    if isinstance(node, dict):
-        return {key: _map(child, fn, f"{prefix}{key}.") for key, child in node.items()}
-    if isinstance(node, list):
-        return [_map(child, fn, f"{prefix}{i}.") for i, child in enumerate(node)]
-    if is_linear_leaf(node):
-        return fn(prefix[:-1], node)
-    return node
-
-
-def get_param(params, dotted: str):
-    """The node at a dotted name of a parameter tree, e.g. ``get_param(p, "h.0.ln_1")``."""
-    node = params
-    for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
-def replace_param(params, dotted: str, value):
-    """A new tree with the node at ``dotted`` replaced by ``value``. The containers along
-    the path are copied, everything else is shared: the input tree is not changed."""
-    head, _, rest = dotted.partition(".")
-    if isinstance(params, list):
-        out = list(params)
-        i = int(head)
-        out[i] = replace_param(params[i], rest, value) if rest else value
-        return out
-    out = dict(params)
-    out[head] = replace_param(params[head], rest, value) if rest else value
-    return out
+    ids: object
+    mask: object
+    positions: object
+    bias: object
+    new_mask: object
+    squeeze: bool
 
 
 class Model:
@@ -143,6 +112,7 @@ class Model:
         # Quantized attention (minisq.qlinear.AttentionQuant, set by quantize(..., attn_bmm=...));
         # None = float attention.
         self.attn_quant = attn_quant
+        self._outer = None   # see outer(): the widened non-layer weights of a stored model
 
     # --- the parameter tree -------------------------------------------------------------
     def linears(self) -> dict:
@@ -164,7 +134,40 @@ class Model:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._embedding().dtype)
+        """The compute dtype (float32 for weights kept as float16/bfloat16 or memory-mapped)."""
+        embedding = self._embedding()
+        if is_stored(embedding):
+            return np.dtype(self.info.get("storage", {}).get("compute", "float32"))
+        return np.dtype(embedding.dtype)
+
+    @property
+    def stored(self) -> bool:
+        """True when weights are kept as stored (float16/bfloat16 or memory-mapped) and widened
+        to the compute dtype layer by layer (see :mod:`minisq.storage`)."""
+        return is_stored(self._embedding())
+
+    @property
+    def lazy(self) -> bool:
+        """True for a memory-mapped model (``minisq.load(..., lazy=True)``)."""
+        return bool(self.info.get("storage", {}).get("lazy"))
+
+    def outer(self) -> "Model":
+        """This model with every parameter outside the decoder layers (embeddings, final
+        norm, head) in the compute dtype; the layers stay as stored. The identity for a
+        model whose weights are all arrays already. Kept after the first call."""
+        if not self.stored:
+            return self
+        if self._outer is None:
+            key = self.family.LAYER_PREFIX.split(".")[0]
+            memo: dict = {}
+            params = {k: (v if k == key else materialize(v, self.dtype, memo)) for k, v in self.params.items()}
+            self._outer = self.evolve(params=params)
+        return self._outer
+
+    def layer(self, i: int):
+        """Decoder layer ``i``'s parameters in the compute dtype (widened now if stored)."""
+        layer = self.family.layers(self.params)[i]
+        return materialize(layer, self.dtype) if self.stored else layer
 
     @property
     def xp(self):
@@ -175,8 +178,13 @@ class Model:
     def device(self) -> str:
         return "cpu" if get_array_module(self._embedding()) is np else "gpu"
 
+    @property
+    def family(self):
+        """The module of :mod:`minisq.families` that knows this architecture."""
+        return family_for(self.config.model_type)
+
     def _embedding(self):
-        return self.params["wte"] if self.config.model_type == "gpt2" else self.params["embed_tokens"]
+        return self.params[self.family.EMBEDDING]
 
     def __repr__(self) -> str:
         c = self.config
@@ -200,29 +208,49 @@ class Model:
         (used by the per-layer equivalence report).
         Returns ``(logits [B, T, V], cache or None)``.
         """
+        inp = self.prepare(input_ids, attention_mask, cache)
+        if cache is None and use_cache:
+            cache = KVCache(self.config.num_layers)
+        logits = self._layers_forward(inp.ids, inp.positions, inp.bias, inp.new_mask, cache,
+                                      trace if trace is not None else [])
+        self.check_logits(logits)
+        if cache is not None:
+            cache.advance(inp.mask)
+        return (logits[0] if inp.squeeze else logits), cache
+
+    def prepare(self, input_ids, attention_mask=None, cache=None) -> "Inputs":
+        """Checked inputs of one forward call and what every layer needs from them."""
         ids, mask, squeeze = self._check_inputs(input_ids, attention_mask, cache)
-        xp = get_array_module(self._embedding())
+        xp = self.xp
         ids, mask = xp.asarray(ids), xp.asarray(mask)
         T = ids.shape[1]
         # Positions count real tokens only, so left padding does not shift them.
         positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0)[:, -T:]   # [B, T]
         bias = nn.attention_bias(mask, T, self.dtype)                     # [B, 1, T, S]
-        if cache is None and use_cache:
-            cache = KVCache(self.config.num_layers)
-        forward = FORWARDS[self.config.model_type]
         # [B, T]: which of the new tokens are real. Every linear leaf gets it, so that dynamic
         # per-sequence scales and calibration statistics see real tokens only, never padding.
-        new_mask = mask[:, -T:]
-        logits = forward(self, ids, positions, bias, new_mask, cache, trace if trace is not None else [])
-        if not bool(xp.isfinite(logits).all()):
+        return Inputs(ids, mask, positions, bias, mask[:, -T:], squeeze)
+
+    def check_logits(self, logits) -> None:
+        """Raise NonFiniteError for NaN/inf logits."""
+        if not bool(self.xp.isfinite(logits).all()):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
                 "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "
                 "the weights and inputs"
             )
-        if cache is not None:
-            cache.advance(mask)
-        return (logits[0] if squeeze else logits), cache
+
+    def _layers_forward(self, ids, positions, bias, m, cache, trace):
+        # [B, T] ids, [B, T] positions, [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, V]:
+        # the family's embed -> every block -> head (the cache is extended in place)
+        # Weights kept as stored (float16/bfloat16, memory-mapped) are widened one layer at a time.
+        family, outer = self.family, self.outer()
+        x = family.embed(outer, ids, positions, m)                    # [B, T, C]
+        trace.append(("embeddings", x))
+        for i in range(self.config.num_layers):
+            x = family.block(outer, i, self.layer(i), x, bias, m, cache, positions)
+            trace.append((family.LAYER_PREFIX.format(i=i), x))
+        return family.head(outer, x, m)                               # [B, T, V]
 
     def _check_inputs(self, input_ids, attention_mask, cache):
         ids = to_numpy(input_ids)
@@ -332,29 +360,22 @@ class Model:
     # --- conversions --------------------------------------------------------------------
     def to(self, device: str) -> "Model":
         """The same model with every array on 'cpu' (NumPy) or 'gpu' (CuPy)."""
+        if self.stored and device != "cpu":
+            raise ConfigError("this model keeps its weights as stored (float16/bfloat16 or memory-mapped), "
+                              "which runs on the CPU: model.astype('float32').to('gpu') widens them first")
         fn = lambda a: to_device(a, device)  # noqa: E731
         return self.evolve(params=_map_arrays(self.params, fn), attn_quant=_map_arrays(self.attn_quant, fn))
 
     def astype(self, dtype) -> "Model":
-        """The same float model in another float dtype (float32 or float64 for equivalence checks)."""
+        """The same float model in another float dtype (float32 or float64 for equivalence
+        checks). Weights kept as stored are all widened: the result holds them in memory."""
         dtype = np.dtype(dtype)
         if dtype.name not in FLOAT_DTYPES:
             raise ConfigError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        return self.evolve(params=_map_arrays(self.params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a))
-
-
-def _map_arrays(node, fn):
-    # apply fn to every array of the tree, rebuilding dataclass leaves field by field
-    if isinstance(node, dict):
-        return {k: _map_arrays(v, fn) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_map_arrays(v, fn) for v in node)
-    if hasattr(node, "shape") and hasattr(node, "dtype"):
-        return fn(node)
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {f.name: _map_arrays(getattr(node, f.name), fn) for f in dataclasses.fields(node)}
-        return dataclasses.replace(node, **changes)
-    return node
+        params = materialize(self.params, dtype) if self.stored else self.params
+        info = {k: v for k, v in self.info.items() if k != "storage"}
+        return self.evolve(params=_map_arrays(params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a),
+                           info=info)
 
 
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
@@ -369,73 +390,3 @@ def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
     p /= p.sum(axis=-1, keepdims=True)
     u = rng.random((z.shape[0], 1))
     return (p.cumsum(axis=-1) < u).sum(axis=-1).clip(max=z.shape[-1] - 1)
-
-
-# --- the two families ---------------------------------------------------------------------
-
-def _self_attention(model, q, k, v, cache, i, bias, scale, mask):
-    # [B, T, C] x3 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, C]
-    H = model.config.num_heads
-    if model.attn_quant is not None:                                   # quantized q, k, v
-        return model.attn_quant(i, q, k, v, mask, bias, scale, H, cache)
-    q, k, v = (nn.split_heads(a, H) for a in (q, k, v))
-    if cache is not None:
-        k, v = cache.update(i, k, v)                                 # [B, H, S, D]
-    a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
-    return nn.merge_heads(a)
-
-
-def _gpt2_forward(model, ids, positions, bias, m, cache, trace):
-    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
-    cfg, p = model.config, model.params
-    act = nn.ACTIVATION_FNS[cfg.activation]
-    x = p["wte"][ids] + p["wpe"][positions]                          # [B, T, C]
-    trace.append(("embeddings", x))
-    for i, layer in enumerate(p["h"]):
-        scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
-        h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
-        qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
-        q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
-        a = _self_attention(model, q, k, v, cache, i, bias, scale, m)
-        x = x + layer["attn"]["c_proj"](a, m)
-        h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
-        x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside
-        trace.append((f"h.{i}", x))
-    x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
-    return p["lm_head"](x, m)                                         # [B, T, V]
-
-
-def _opt_forward(model, ids, positions, bias, m, cache, trace):
-    # [B, T] ids, [B, T] positions, [B, T] real-token mask m -> [B, T, V] logits (cache extended in place)
-    cfg, p = model.config, model.params
-    act = nn.ACTIVATION_FNS[cfg.activation]
-    eps = cfg.layer_norm_eps
-    x = p["embed_tokens"][ids]                                        # [B, T, E]
-    if p["project_in"] is not None:
-        x = p["project_in"](x, m)                                     # [B, T, C]
-    x = x + p["embed_positions"][positions + cfg.position_offset]
-    trace.append(("embeddings", x))
-    pre = cfg.do_layer_norm_before
-    for i, layer in enumerate(p["layers"]):
-        attn = layer["self_attn"]
-        h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
-        a = _self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
-                            cache, i, bias, cfg.head_dim ** -0.5, m)
-        x = x + attn["out_proj"](a, m)
-        if not pre:  # post-LN (opt-350m): normalize after the residual add
-            x = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
-        h = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps) if pre else x
-        x = x + layer["fc2"](act(layer["fc1"](h, m)), m)              # [B, T, F] inside
-        if not pre:
-            x = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps)
-        trace.append((f"layers.{i}", x))
-    if p["final_layer_norm"] is not None:
-        x = nn.layer_norm(x, **p["final_layer_norm"], eps=eps)
-    if p["project_out"] is not None:
-        x = p["project_out"](x, m)                                    # [B, T, E]
-    return p["lm_head"](x, m)                                         # [B, T, V]
-
-
-FORWARDS = {"gpt2": _gpt2_forward, "opt": _opt_forward}

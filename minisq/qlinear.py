@@ -59,6 +59,7 @@ from .backend import get_array_module, to_numpy
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm
 from .nn import Linear
+from .storage import materialize
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_sequence, quantize_per_tensor,
     quantize_per_token,
@@ -220,7 +221,8 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             return leaf
         x_absmax = stats.input_absmax_of(name) if acts == "static" else None
-        return quantize_linear(leaf, weights, acts, x_absmax, path)
+        # weights kept as float16/bfloat16 (or memory-mapped) are widened one leaf at a time
+        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path)
 
     info = dict(preset=preset or "custom", weights=weights, acts=acts, path=path,
                 skip=list(skip), attn_bmm=attn_bmm)

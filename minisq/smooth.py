@@ -9,68 +9,29 @@ X (a LayerNorm's gain and bias, or the output columns of the linear before), and
 multiplication goes into the rows of the linears that consume X. Both are exact in real
 arithmetic, so in float64 the smoothed model computes the same function to ~1e-15.
 
-What may be folded into what is data — :data:`SMOOTHING_TABLE` — so a reader sees it at a
-glance. ``{i}`` is the layer index.
+What may be folded into what is data — :data:`SMOOTHING_TABLE`, gathered from each family's
+module in :mod:`minisq.families` — so a reader sees it at a glance. ``{i}`` is the layer index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
 
 from .backend import get_array_module, to_numpy
 from .errors import CalibrationError, ConfigError
-from .model import get_param, replace_param
+from .families import FAMILIES, family_for
+from .families.base import Mapping  # noqa: F401  (the row type, public here)
 from .nn import Linear
+from .tree import get_param, replace_param
 
 
-@dataclasses.dataclass(frozen=True)
-class Mapping:
-    """Divide the output of ``source`` by s and multiply the rows of ``targets`` by s.
-
-    ``kind`` says what the source is: a "layernorm" (its gain and bias are divided) or a
-    "linear" (its weight columns and bias are divided).
-    """
-
-    group: str        # a short name users select mappings by
-    source: str
-    kind: str
-    targets: tuple
-    why: str
-
-
-SMOOTHING_TABLE = {
-    "gpt2": (
-        Mapping("ln_qkv", "h.{i}.ln_1", "layernorm", ("h.{i}.attn.c_attn",),
-                "ln_1 feeds only the fused q,k,v projection: one s for all three"),
-        Mapping("ln_fc1", "h.{i}.ln_2", "layernorm", ("h.{i}.mlp.c_fc",),
-                "ln_2 feeds only the MLP's first linear"),
-    ),
-    "opt": (
-        Mapping("ln_qkv", "layers.{i}.self_attn_layer_norm", "layernorm",
-                ("layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"),
-                "self_attn_layer_norm feeds q, k and v: one s shared by the three"),
-        Mapping("ln_fc1", "layers.{i}.final_layer_norm", "layernorm", ("layers.{i}.fc1",),
-                "final_layer_norm feeds only fc1"),
-        Mapping("fc1_fc2", "layers.{i}.fc1", "linear", ("layers.{i}.fc2",),
-                "ReLU(x/s) = ReLU(x)/s for s > 0, so fc1's outputs can carry 1/s through the ReLU"),
-        Mapping("v_out", "layers.{i}.self_attn.v_proj", "linear", ("layers.{i}.self_attn.out_proj",),
-                "attention averages v over tokens with weights p: Σ p·(v_j/s_j) = (Σ p·v_j)/s_j per channel"),
-    ),
-}
+# Each family's rows (minisq/families/<family>.py: SMOOTHING, NOT_FOLDABLE), by model_type.
+SMOOTHING_TABLE = {model_type: family.SMOOTHING for model_type, family in FAMILIES.items()}
 
 # Places one might try to smooth that are NOT equivalences, and why.
-NOT_FOLDABLE = {
-    "gpt2": {
-        "h.{i}.mlp.c_fc -> h.{i}.mlp.c_proj": "GELU(x/s) != GELU(x)/s: GELU is not positively homogeneous",
-    },
-    "opt": {
-        "post-LN LayerNorms (do_layer_norm_before=False, opt-350m)":
-            "the LayerNorm's output is also the residual stream, so dividing it by s changes every later layer",
-    },
-}
+NOT_FOLDABLE = {model_type: family.NOT_FOLDABLE for model_type, family in FAMILIES.items()}
 
 DEFAULT_GROUPS = ("ln_qkv", "ln_fc1")  # what the official SmoothQuant code smooths
 
@@ -101,7 +62,8 @@ def mappings_for(config, groups=DEFAULT_GROUPS) -> list:
 
     Mappings that would not be equivalences for this config are left out with a warning.
     """
-    table = SMOOTHING_TABLE[config.model_type]
+    family = family_for(config)
+    table = family.SMOOTHING
     known = {m.group for m in table}
     if groups == "all":
         groups = tuple(m.group for m in table)
@@ -110,15 +72,7 @@ def mappings_for(config, groups=DEFAULT_GROUPS) -> list:
         raise ConfigError(f"unknown smoothing groups {sorted(unknown)} for {config.model_type}; "
                           f"this architecture has {sorted(known)}")
     chosen = [m for m in table if m.group in groups]
-    if config.model_type == "opt" and not config.do_layer_norm_before:
-        skipped = [m.group for m in chosen if m.kind == "layernorm"]
-        chosen = [m for m in chosen if m.kind != "layernorm"]
-        if skipped:
-            warnings.warn(
-                f"post-LN model (do_layer_norm_before=False): {skipped} not smoothed, because "
-                + NOT_FOLDABLE["opt"]["post-LN LayerNorms (do_layer_norm_before=False, opt-350m)"],
-                stacklevel=3,
-            )
+    chosen = family.foldable(config, chosen)   # e.g. post-LN OPT: no LayerNorm rows (with a warning)
     return [
         dataclasses.replace(m, source=m.source.format(i=i), targets=tuple(t.format(i=i) for t in m.targets))
         for i in range(config.num_layers) for m in chosen
@@ -148,7 +102,12 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     """
     if model.info.get("quantization"):
         raise ConfigError("smooth the float model, then quantize it (this model is already quantized)")
+    if model.lazy:
+        raise ConfigError("a lazy (memory-mapped) model is smoothed layer by layer by minisq.quantize_checkpoint; "
+                          "to smooth it in memory, load it with lazy=False")
     stats.check_matches(model)
+    if model.stored:   # float16/bfloat16 weights: smooth in the compute dtype (exact, and held in memory)
+        model = model.astype(model.dtype).evolve(info=model.info)
     params = model.params
     factors = {}
     for m in mappings_for(model.config, groups):

@@ -102,19 +102,24 @@ def is_stored(node) -> bool:
     return isinstance(node, StoredTensor)
 
 
-def materialize(node, dtype):
+def materialize(node, dtype, memo: dict | None = None):
     """A copy of a parameter (sub)tree in which every :class:`StoredTensor` is an array of
     ``dtype``; arrays and everything else are shared, and linear leaves are rebuilt field by
-    field. What it holds in memory: the widened arrays of ``node`` only (one layer, when
-    called per layer)."""
+    field. Stored tensors over the same bytes (a tied lm_head is the embedding's transpose)
+    become one array and its transposed view, as in an eagerly loaded model. What it holds
+    in memory: the widened arrays of ``node`` only (one layer, when called per layer)."""
+    memo = {} if memo is None else memo
     if isinstance(node, StoredTensor):
-        return node.materialize(dtype)
+        key = id(node.data)
+        if key not in memo:
+            memo[key] = dataclasses.replace(node, transpose=False).materialize(dtype)
+        return memo[key].T if node.transpose else memo[key]
     if isinstance(node, dict):
-        return {k: materialize(v, dtype) for k, v in node.items()}
+        return {k: materialize(v, dtype, memo) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return type(node)(materialize(v, dtype) for v in node)
+        return type(node)(materialize(v, dtype, memo) for v in node)
     if dataclasses.is_dataclass(node) and not isinstance(node, type) and _holds_stored(node):
-        return dataclasses.replace(node, **{f.name: materialize(getattr(node, f.name), dtype)
+        return dataclasses.replace(node, **{f.name: materialize(getattr(node, f.name), dtype, memo)
                                             for f in dataclasses.fields(node)})
     return node
 

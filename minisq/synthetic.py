@@ -3,7 +3,7 @@
 Real LLMs (OPT ≥ 6.7B, GPT-2, BLOOM, ...) have a few hidden channels whose activations are
 10-100x larger than the rest in *every* token; SmoothQuant (Section 3) traces them to the
 LayerNorm gains that feed the qkv and fc1 projections. This module builds a random-weight
-GPT-2 or OPT of any shape and plants exactly that mechanism: every LayerNorm gain has the
+model of any shape and family and plants exactly that mechanism: every LayerNorm gain has the
 same few channels multiplied by a large factor, so those channels dominate the inputs of
 qkv and fc1 in every token, and per-tensor INT8 activations lose the other channels.
 
@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from .config import ModelConfig
+from .families import family_for, params_from_state_dict
 from .model import Model
 
 SYNTHETIC_LABEL = "SYNTHETIC random-weight model with planted outlier channels"
@@ -36,9 +37,11 @@ def outlier_channels(C: int, n_outliers: int, seed: int) -> np.ndarray:
 def synthetic_state_dict(cfg: ModelConfig, n_outliers: int = 4, outlier_scale: float = 40.0,
                          seed: int = 0) -> dict:
     """An HF-named float32 state dict of random weights (std 0.02, as GPT-2's init) whose
-    LayerNorm gains carry ``n_outliers`` channels scaled by ``outlier_scale``."""
+    LayerNorm gains carry ``n_outliers`` channels scaled by ``outlier_scale``. The draws
+    below are generic; which tensors exist is the family's recipe (``synthetic_state_dict``
+    in its :mod:`minisq.families` module)."""
     rng = np.random.default_rng(seed)
-    C, F, V, E = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.embed_dim
+    C, E = cfg.hidden_size, cfg.embed_dim
     hot = outlier_channels(C, n_outliers, seed)
     signs = np.where(rng.random(n_outliers) < 0.5, -1.0, 1.0)
 
@@ -60,45 +63,15 @@ def synthetic_state_dict(cfg: ModelConfig, n_outliers: int = 4, outlier_scale: f
         # distributions are peaked and quantization noise shows in perplexity and KL.
         return ((LOGIT_STD / (0.02 * np.sqrt(E))) * (1.0 + 0.1 * rng.standard_normal(C))).astype(np.float32)
 
-    sd = {}
-    if cfg.model_type == "gpt2":
-        sd["wte.weight"], sd["wpe.weight"] = normal(V, C), normal(cfg.max_positions, C, std=0.01)
-        for i in range(cfg.num_layers):
-            p = f"h.{i}."
-            for ln in ("ln_1", "ln_2"):
-                sd[p + ln + ".weight"], sd[p + ln + ".bias"] = gain(), bias(C)
-            # Conv1D weights are stored [in, out]
-            for name, shape in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)),
-                                ("mlp.c_fc", (C, F)), ("mlp.c_proj", (F, C))):
-                sd[p + name + ".weight"], sd[p + name + ".bias"] = normal(*shape), bias(shape[1])
-        sd["ln_f.weight"], sd["ln_f.bias"] = final_gain(), bias(C)
-    else:
-        sd["embed_tokens.weight"] = normal(V, E)
-        sd["embed_positions.weight"] = normal(cfg.max_positions + cfg.position_offset, C, std=0.01)
-        for i in range(cfg.num_layers):
-            p = f"layers.{i}."
-            for ln in ("self_attn_layer_norm", "final_layer_norm"):
-                sd[p + ln + ".weight"], sd[p + ln + ".bias"] = gain(), bias(C)
-            # nn.Linear weights are stored [out, in]
-            for name, (c_out, c_in) in (("self_attn.q_proj", (C, C)), ("self_attn.k_proj", (C, C)),
-                                        ("self_attn.v_proj", (C, C)), ("self_attn.out_proj", (C, C)),
-                                        ("fc1", (F, C)), ("fc2", (C, F))):
-                sd[p + name + ".weight"], sd[p + name + ".bias"] = normal(c_out, c_in), bias(c_out)
-        sd["final_layer_norm.weight"], sd["final_layer_norm.bias"] = final_gain(), bias(C)
-        if cfg.word_embed_proj_dim is not None:
-            sd["project_in.weight"], sd["project_out.weight"] = normal(C, E), normal(E, C)
-    return sd
+    return family_for(cfg).synthetic_state_dict(cfg, normal, gain, bias, final_gain)
 
 
 def synthetic_model(config: ModelConfig | None = None, n_outliers: int = 4, outlier_scale: float = 40.0,
                     seed: int = 0, dtype="float32", tokenizer=None) -> Model:
     """A random-weight model of ``config``'s shape (default: GPT-2 small) with planted
     outlier channels. Labeled synthetic in its name and ``info``."""
-    from .loading import params_from_state_dict
-
     base = config or GPT2_SMALL
-    if base.model_type == "opt" and not base.do_layer_norm_before:
-        base = dataclasses.replace(base, do_layer_norm_before=True)  # outliers are planted in pre-LN gains
+    base = family_for(base).synthetic_config(base)  # e.g. OPT: outliers are planted in pre-LN gains
     name = (f"synthetic-outliers-{base.model_type}-L{base.num_layers}-C{base.hidden_size}"
             f"-{n_outliers}x{outlier_scale:g}")
     cfg = dataclasses.replace(base, name=name)

@@ -10,37 +10,26 @@ minisq does not reimplement BPE: the Rust ``tokenizers`` library is the same cod
 so the ids match what the checkpoints were trained on. The test suite holds it against
 llama.cpp's test vectors and a pure-Python BPE.
 
-What each model adds around the BPE is data, in :data:`SPECIAL_TOKENS`, not control flow.
+What each model adds around the BPE is data, in :data:`SPECIAL_TOKENS` (each family's
+module holds its row), not control flow.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from .errors import CheckpointError, ConfigError, InputError
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The special tokens of one model family, as strings of its vocabulary."""
-
-    bos: str  # prepended to every text when add_bos is true
-    eos: str  # ends a document; generation stops on it
-    pad: str | None  # fills short rows of a batch; None when the model has none
-    add_bos: bool  # HF's ``add_bos_token``
+from .families import FAMILIES
+from .families.base import SpecialTokens
 
 
 # The defaults HF's tokenizer_config.json gives each family (openai-community/gpt2 and
-# facebook/opt-*). A tokenizer_config.json in the folder overrides them.
-SPECIAL_TOKENS = {
-    "gpt2": SpecialTokens(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, add_bos=False),
-    "opt": SpecialTokens(bos="</s>", eos="</s>", pad="<pad>", add_bos=True),
-}
+# facebook/opt-*), kept in the family's module. A tokenizer_config.json in the folder overrides them.
+SPECIAL_TOKENS = {model_type: family.SPECIAL_TOKENS for model_type, family in FAMILIES.items()}
 
 
 class Tokenizer:

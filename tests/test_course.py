@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisq import check
+from minisq import grading
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
@@ -111,11 +111,11 @@ def test_check_quantized_calls_a_subnormal_group_what_it_is(dtype, values):
     scale = np.where(scale == 0, 1, scale).astype(dtype)                  # the old rule: row 0 keeps its tiny scale
     q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
     with pytest.raises(AssertionError) as err:
-        check.check_quantized("f", q, scale, x, "per_token")
+        grading.check_quantized("f", q, scale, x, "per_token")
     assert "row 0 is not zero but tiny" in str(err.value) and "all zeros" not in str(err.value)
     zero = np.zeros((1, 2), dtype)
     with pytest.raises(AssertionError, match="row 0 is all zeros"):
-        check.check_quantized("f", np.zeros((1, 2), np.int8), np.zeros((1, 1), dtype), zero, "per_token")
+        grading.check_quantized("f", np.zeros((1, 2), np.int8), np.zeros((1, 1), dtype), zero, "per_token")
 
 
 # --- the instructor's commands on a fresh machine ---------------------------------------------------

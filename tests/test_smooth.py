@@ -6,7 +6,7 @@ import pytest
 
 import minisq
 from minisq.calibrate import CalibrationStats, calibrate
-from minisq.check import check_equivalence, logit_error
+from minisq.diagnostics import check_equivalence, logit_error
 from minisq.config import ModelConfig
 from minisq.qlinear import quantize
 from minisq.smooth import SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors

@@ -1,0 +1,103 @@
+"""One module per model family; :data:`FAMILIES` finds it by config.json's ``model_type``.
+
+Everything minisq knows about an architecture lives in its family's file, and the generic
+code (loading, the forward driver in :mod:`minisq.model`, calibration, smoothing,
+quantization, evaluation, export, the synthetic model) asks the family instead of branching
+on ``model_type``. Adding a family is one new file plus its tests; read ``gpt2.py`` first.
+
+A family module provides (legend: B batch, T new tokens, S past + new tokens, C hidden, V vocab):
+
+``MODEL_TYPES``
+    the config.json ``model_type`` values it loads.
+``config_from_hf(raw, source) -> ModelConfig``
+    its config.json, with a :class:`~minisq.ConfigError` naming any option it does not implement.
+``params_from_state_dict(config, state, dtype, source) -> dict``
+    checkpoint tensor names -> the parameter tree (linear weights ``[C_in, C_out]``, tied lm_head).
+``EMBEDDING``
+    the key of the token embedding ``[V, E]`` in the tree (its dtype and device are the model's).
+The forward pass, in pieces a layer-outer (streamed) driver can call one at a time:
+
+``embed(model, ids, positions, mask) -> x [B, T, C]``
+    ``ids``/``positions``/``mask`` ``[B, T]``; ``mask`` marks real tokens (1) and padding (0).
+``layers(params) -> list``
+    the per-layer parameter dicts; ``LAYER_PREFIX.format(i=i)`` is layer i's dotted name
+    (``h.{i}``, ``layers.{i}``), the prefix of every tensor and leaf in it.
+``block(model, i, layer_params, x, bias, mask, cache, positions=None) -> x [B, T, C]``
+    one decoder layer. ``bias`` ``[B, 1, T, S]`` is the additive attention mask, ``mask``
+    ``[B, T]`` the real-token mask every linear leaf receives as ``leaf(x, mask)``, ``cache``
+    a :class:`~minisq.model.KVCache` or None (extended in place), ``positions`` ``[B, T]``
+    (families with rotary embeddings need them; others ignore them). Attention goes through
+    :func:`minisq.families.base._self_attention` (and ``model.attn_quant`` when quantized).
+``head(model, x, mask) -> logits [B, T, V]``
+    final norm and the output projection.
+
+Smoothing, calibration, tokenizer and synthetic model:
+
+``SMOOTHING``, ``NOT_FOLDABLE``, ``DEFAULT_GROUPS``, ``foldable(config, chosen)``, ``default_groups(config)``
+    its rows of the smoothing table (:class:`~minisq.families.base.Mapping`, each with its
+    reason), the places that look smoothable but are not (and why), and which rows a given
+    config can use.
+``QKV_OUTPUTS``
+    ``(leaf, part, parts)`` for q, k, v: the output of ``leaf`` cut into ``parts`` equal
+    pieces along C_out, piece ``part`` (static attention scales are read from them).
+``SPECIAL_TOKENS``
+    the :class:`~minisq.families.base.SpecialTokens` defaults of its tokenizer files.
+``synthetic_config(config)``, ``synthetic_state_dict(config, normal, gain, bias, final_gain)``
+    its synthetic-outlier recipe (see :mod:`minisq.synthetic`).
+
+Nothing here is model-specific except through the modules themselves; hub downloads
+(:mod:`minisq.hub`) happen before the config is read and need no family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from . import gpt2, opt
+
+# model_type -> family module
+FAMILIES = {model_type: family for family in (gpt2, opt) for model_type in family.MODEL_TYPES}
+
+
+def family_for(model_type: str, source: str = ""):
+    """The family module of ``model_type`` (a str or anything with ``.model_type``)."""
+    model_type = getattr(model_type, "model_type", model_type)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        where = f"{source}: " if source else ""
+        raise ConfigError(
+            f"{where}model_type {model_type!r} is not supported; minisq loads {tuple(FAMILIES)}"
+        )
+    return family
+
+
+def config_from_hf(raw: dict, source: str = "config.json"):
+    """Map a Hugging Face config dict to a :class:`~minisq.config.ModelConfig`, through its family."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    return family_for(raw.get("model_type"), source).config_from_hf(raw, source)
+
+
+def read_config(folder: Path):
+    """Read ``folder/config.json`` into a :class:`~minisq.config.ModelConfig`, with clear errors."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a Hugging Face model folder needs a config.json beside its weights")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file looks corrupt, re-download it") from None
+    cfg = config_from_hf(raw, source=str(path))
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=Path(folder).name)
+    return cfg
+
+
+def params_from_state_dict(config, state: dict, dtype, source: str = "checkpoint") -> dict:
+    """The parameter tree of a model from its (HF-named) state dict, through its family."""
+    return family_for(config).params_from_state_dict(config, state, np.dtype(dtype), source)

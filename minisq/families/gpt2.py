@@ -1,0 +1,178 @@
+"""GPT-2 (Radford et al. 2019): everything minisq knows about it, in one file.
+
+Legend: B batch, T new tokens, C hidden, F MLP width, V vocab, P positions.
+
+Pre-LN blocks ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` with a fused q,k,v projection
+``c_attn`` ``[C, 3C]``, GELU (tanh approximation), learned positions, a final ``ln_f`` and
+an lm_head tied to the token embedding. The checkpoint's Conv1D layers already store
+``[C_in, C_out]``, so nothing is transposed.
+"""
+
+from __future__ import annotations
+
+from .. import nn
+from ..config import ModelConfig, _check_activation, _get, _validate
+from ..errors import ConfigError
+from .base import Mapping, SpecialTokens, _lm_head, _self_attention, _strip_prefix, _Taker
+
+MODEL_TYPES = ("gpt2",)
+EMBEDDING = "wte"            # the token embedding [V, C] in the parameter tree
+LAYER_PREFIX = "h.{i}"       # dotted name of layer i
+
+
+# --- config.json ----------------------------------------------------------------------------
+
+def config_from_hf(raw: dict, source: str) -> ModelConfig:
+    """A GPT-2 config.json (``n_embd``, ``n_layer``, ...) as a :class:`ModelConfig`."""
+    if raw.get("add_cross_attention"):
+        raise ConfigError(f"{source}: add_cross_attention=True (an encoder-decoder GPT-2) is not supported")
+    C = _get(raw, "n_embd", required=True, source=source)
+    n_inner = _get(raw, "n_inner")
+    cfg = ModelConfig(
+        model_type="gpt2",
+        vocab_size=_get(raw, "vocab_size", required=True, source=source),
+        hidden_size=C,
+        num_layers=_get(raw, "n_layer", required=True, source=source),
+        num_heads=_get(raw, "n_head", required=True, source=source),
+        ffn_dim=n_inner if n_inner else 4 * C,
+        max_positions=_get(raw, "n_positions", 1024),
+        layer_norm_eps=float(_get(raw, "layer_norm_epsilon", 1e-5)),
+        activation=_check_activation(_get(raw, "activation_function", "gelu_new"), source),
+        scale_attn_weights=bool(_get(raw, "scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(_get(raw, "scale_attn_by_inverse_layer_idx", False)),
+        reorder_and_upcast_attn=bool(_get(raw, "reorder_and_upcast_attn", False)),
+        bos_token_id=_get(raw, "bos_token_id", 50256),
+        eos_token_id=_get(raw, "eos_token_id", 50256),
+        pad_token_id=_get(raw, "pad_token_id"),
+        name=raw.get("_name_or_path", "") or "",
+    )
+    return _validate(cfg, source)
+
+
+# --- checkpoint names -> parameter tree --------------------------------------------------------
+
+def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
+    """The parameter tree from an HF GPT-2 state dict (``transformer.`` prefix optional)."""
+    take = _Taker(_strip_prefix(state, ("transformer.",)), dtype, source)
+    C, F, V = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
+    wte = take("wte.weight", (V, C))
+    params = {
+        "wte": wte,                                            # [V, C]
+        "wpe": take("wpe.weight", (cfg.max_positions, C)),     # [P, C]
+        "h": [
+            {
+                "ln_1": take.norm(f"h.{i}.ln_1", C),
+                "attn": {
+                    "c_attn": take.linear(f"h.{i}.attn.c_attn", C, 3 * C),   # fused q, k, v
+                    "c_proj": take.linear(f"h.{i}.attn.c_proj", C, C),
+                },
+                "ln_2": take.norm(f"h.{i}.ln_2", C),
+                "mlp": {
+                    "c_fc": take.linear(f"h.{i}.mlp.c_fc", C, F),
+                    "c_proj": take.linear(f"h.{i}.mlp.c_proj", F, C),
+                },
+            }
+            for i in range(cfg.num_layers)
+        ],
+        "ln_f": take.norm("ln_f", C),
+    }
+    params["lm_head"] = _lm_head(take, "lm_head.weight", wte, V, C)
+    return params
+
+
+# --- the forward pass, in pieces a layer-outer driver can call ----------------------------------
+
+def embed(model, ids, positions, mask):
+    # [B, T] ids, [B, T] positions, [B, T] real-token mask -> [B, T, C]
+    p = model.params
+    return p["wte"][ids] + p["wpe"][positions]                       # [B, T, C]
+
+
+def layers(params) -> list:
+    """The per-layer parameter dicts; layer i's dotted prefix is ``LAYER_PREFIX.format(i=i)``."""
+    return params["h"]
+
+
+def block(model, i, layer, x, bias, m, cache, positions=None):
+    # [B, T, C], [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, C] (cache extended in place)
+    cfg = model.config
+    act = nn.ACTIVATION_FNS[cfg.activation]
+    scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale /= i + 1
+    h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
+    qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
+    q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
+    a = _self_attention(model, q, k, v, cache, i, bias, scale, m)
+    x = x + layer["attn"]["c_proj"](a, m)
+    h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
+    x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside
+    return x
+
+
+def head(model, x, m):
+    # [B, T, C], [B, T] -> [B, T, V] logits
+    cfg, p = model.config, model.params
+    x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
+    return p["lm_head"](x, m)                                         # [B, T, V]
+
+
+# --- smoothing: what may be folded into what ------------------------------------------------------
+
+SMOOTHING = (
+    Mapping("ln_qkv", "h.{i}.ln_1", "layernorm", ("h.{i}.attn.c_attn",),
+            "ln_1 feeds only the fused q,k,v projection: one s for all three"),
+    Mapping("ln_fc1", "h.{i}.ln_2", "layernorm", ("h.{i}.mlp.c_fc",),
+            "ln_2 feeds only the MLP's first linear"),
+)
+
+NOT_FOLDABLE = {
+    "h.{i}.mlp.c_fc -> h.{i}.mlp.c_proj": "GELU(x/s) != GELU(x)/s: GELU is not positively homogeneous",
+}
+
+DEFAULT_GROUPS = ("ln_qkv", "ln_fc1")  # what the official SmoothQuant code smooths
+
+
+def foldable(config, chosen: list) -> list:
+    """The chosen mappings that are equivalences for this config (all of them for GPT-2)."""
+    return chosen
+
+
+def default_groups(config) -> tuple:
+    """The groups the demo smooths for this config: the official code's."""
+    return DEFAULT_GROUPS
+
+
+# --- attention's q, k, v: (leaf, part, parts) — c_attn's output cut in three ------------------------
+
+QKV_OUTPUTS = (("h.{i}.attn.c_attn", 0, 3), ("h.{i}.attn.c_attn", 1, 3), ("h.{i}.attn.c_attn", 2, 3))
+
+
+# --- tokenizer: openai-community/gpt2's tokenizer_config.json defaults -------------------------------
+
+SPECIAL_TOKENS = SpecialTokens(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, add_bos=False)
+
+
+# --- the synthetic-outlier recipe (see minisq.synthetic) ---------------------------------------------
+
+def synthetic_config(cfg: ModelConfig) -> ModelConfig:
+    """The config a synthetic model of ``cfg``'s shape is built with (GPT-2: unchanged)."""
+    return cfg
+
+
+def synthetic_state_dict(cfg: ModelConfig, normal, gain, bias, final_gain) -> dict:
+    """An HF-named state dict drawn with the generic helpers of :mod:`minisq.synthetic`:
+    every LayerNorm gain from ``gain()`` (planted outliers), the last from ``final_gain()``."""
+    C, F, V = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
+    sd = {}
+    sd["wte.weight"], sd["wpe.weight"] = normal(V, C), normal(cfg.max_positions, C, std=0.01)
+    for i in range(cfg.num_layers):
+        p = f"h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = gain(), bias(C)
+        # Conv1D weights are stored [in, out]
+        for name, shape in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)),
+                            ("mlp.c_fc", (C, F)), ("mlp.c_proj", (F, C))):
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = normal(*shape), bias(shape[1])
+    sd["ln_f.weight"], sd["ln_f.bias"] = final_gain(), bias(C)
+    return sd

@@ -1,0 +1,85 @@
+"""``python -m minisq.quantize SRC DST``: SmoothQuant a checkpoint layer by layer (models bigger than memory).
+
+Reads SRC (a checkpoint folder or hub id) memory-mapped, calibrates on WikiText-2 text,
+and writes the smoothed W8A8 model to DST one decoder layer at a time, with a progress bar
+per layer (see :func:`minisq.quantize_checkpoint`). Killed, run the same command again: it
+resumes after the last finished layer, with the same result. Reload the result with
+``minisq.load(DST)``.
+
+Exit codes: 0 done; 1 a minisq error (the message says what and what to do); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m minisq.quantize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Example:\n  python -m minisq.quantize facebook/opt-6.7b opt-6.7b-sq-o3 "
+                                        "--preset O3 --alpha 0.5 --calib-samples 128 --seq-len 512\n")
+    ap.add_argument("src", help="checkpoint folder or hub id (GPT-2 / OPT family)")
+    ap.add_argument("dst", help="output folder (new or empty, or an unfinished run of the same arguments)")
+    ap.add_argument("--preset", default="O3", choices=["naive", "O1", "O2", "O3"], help="W8A8 preset (default O3)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="migration strength α in [0, 1] (default 0.5)")
+    ap.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
+    ap.add_argument("--calib-samples", type=int, default=128, help="WikiText-2 paragraphs to calibrate on (default 128)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens kept per calibration paragraph (default 512)")
+    ap.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/ (default $MINISQ_DATA_DIR, else download)")
+    ap.add_argument("--seed", type=int, default=0, help="which paragraphs are drawn (default 0)")
+    ap.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished run in DST")
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        ap.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.calib_samples < 1 or args.seq_len < 2:
+        ap.error("--calib-samples must be >= 1 and --seq-len >= 2")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from . import data
+    from .errors import MinisqError
+    from .loading import load
+    from .stream import quantize_checkpoint
+
+    try:
+        model = load(args.src, lazy=True)
+        if model.tokenizer is None:
+            raise MinisqError(f"{args.src} has no tokenizer files, which calibrating on text needs")
+        texts = data.calibration_texts(n=args.calib_samples, data_dir=args.data_dir, seed=args.seed)
+        calib = [np.asarray(model.tokenizer.encode(t), np.int64)[:min(args.seq_len, model.config.max_positions)]
+                 for t in texts]
+        print(f"quantizing {args.src} -> {args.dst}: preset {args.preset}, "
+              f"{'no smoothing' if args.no_smooth else f'alpha {args.alpha}'}, "
+              f"{len(calib)} calibration sequences ({sum(len(c) for c in calib)} tokens), layer by layer")
+        quantize_checkpoint(args.src, args.dst, calib, preset=args.preset, alpha=args.alpha,
+                            smooth=not args.no_smooth, resume=not args.no_resume)
+    except MinisqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: minisq.load({args.dst!r})")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``minisq.quantize`` names two things: the function ``quantize(model, preset, ...)``
+    and this command's module. Importing ``minisq.quantize`` as a module makes Python set the
+    package attribute ``minisq.quantize`` to the module, so the module passes calls on to
+    the function: ``minisq.quantize(model, "O3", ...)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        from .qlinear import quantize
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+if __name__ == "__main__":
+    sys.exit(main())
