@@ -13,15 +13,21 @@ asks for the ``student`` fixture: the module under test, chosen with ``--solutio
 
 Every grader test carries exactly one task marker from :data:`TASKS` (``pytest -m a1_2``
 grades Task 1.2 alone). The run ends with a score per task, and ``--task-report=out.json``
-writes the per-task outcomes and failure messages for collecting grades (and for
-``tests/test_assignments.py``).
+writes the per-task outcomes, failure messages and an overall score for collecting grades
+(and for ``tests/test_assignments.py``); its folder is created if needed.
+
+A failing test is reported in a few lines: the grader's message first, then where (the
+grader's line, and the lines of the answer file the error came from), never the source of
+minisq or of pytest; ``--tb=long`` (or ``native``) gives pytest's full traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import linecache
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,12 +90,17 @@ def pytest_collection_modifyitems(session, config, items):
 _LOADED: dict = {}
 
 
+def answer_path(folder: Path, choice: str) -> Path:
+    """The file ``--solution=choice`` names for the assignment in ``folder``."""
+    return folder / f"{choice}.py" if choice in CHOICES else Path(choice).expanduser().resolve()
+
+
 def load_answers(folder: Path, choice: str):
     """The answers to grade for the assignment in ``folder``: ``folder/<choice>.py``, or the
     file ``choice`` names. Its own folder comes first on sys.path while it loads (so
     ``wrong.py`` can ``from solution import *``), and the bare names student/solution/wrong are
     forgotten afterwards, so each assignment's files never see another's."""
-    path = folder / f"{choice}.py" if choice in CHOICES else Path(choice).expanduser().resolve()
+    path = answer_path(folder, choice)
     key = (folder, str(path))
     if key in _LOADED:
         return _LOADED[key]
@@ -120,9 +131,65 @@ def student(request):
     return load_answers(request.path.parent, request.config.getoption("--solution"))
 
 
+# --- short failure reports ---------------------------------------------------------------------
+
+MAX_FRAMES = 4        # lines of "where" under a failure's message
+MAX_EXAMPLE = 300     # characters of a hypothesis example shown
+
+
+def _where(item, excinfo) -> list:
+    """``file:line function: source`` for the test's own line in the grader, then every traceback
+    entry in the answer file (where a student's code raised); minisq, NumPy and pytest are left out."""
+    answers = answer_path(item.path.parent, item.config.getoption("--solution")).resolve()
+    grader = Path(item.path).resolve()
+    lines, seen_test = [], False
+    for entry in excinfo.traceback:
+        path = Path(str(entry.path)).resolve()
+        source = linecache.getline(str(path), entry.lineno + 1).strip()
+        if path == answers or (path == grader and not seen_test and not source.startswith("@")):
+            seen_test = seen_test or path == grader
+            lines.append(f"  {path.name}:{entry.lineno + 1} {entry.name}: {source}")
+    return lines[:1] + lines[1:][-(MAX_FRAMES - 1):]
+
+
+def _example(exc) -> str:
+    """Hypothesis's falsifying example, on one line, without the ``student`` module argument."""
+    notes = " ".join(n for n in getattr(exc, "__notes__", []) if n.startswith("Falsifying example"))
+    if not notes:
+        return ""
+    text = re.sub(r"\s+", " ", re.sub(r"student=<module [^>]*>,?", "", notes))
+    text = re.sub(r"\(\s+", "(", re.sub(r",?\s*\)$", ")", text.strip()))
+    return "  " + (text if len(text) <= MAX_EXAMPLE else text[:MAX_EXAMPLE] + " ...")
+
+
+def failure_message(excinfo) -> str:
+    """The grader's message (or the error the answer raised), as ``Type: text``."""
+    exc = excinfo.value
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def short_failure(item, excinfo) -> str:
+    """The grader's message first, then where it came from, in a few lines."""
+    example = _example(excinfo.value)
+    return "\n".join([failure_message(excinfo)] + _where(item, excinfo) + ([example] if example else []))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and item.nodeid in _STATE.get("task_of", {}):
+        report.minisq_message = failure_message(call.excinfo)
+        if item.config.option.tbstyle in ("auto", "short"):
+            report.longrepr = short_failure(item, call.excinfo)
+
+
 # --- a score per task --------------------------------------------------------------------------
 
 def _message(report) -> str:
+    if getattr(report, "minisq_message", None):
+        return report.minisq_message
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is not None:
         return crash.message
@@ -148,7 +215,18 @@ def _scores() -> dict:
         row = scores.setdefault(task, {"what": TASKS[task], "passed": 0, "failed": 0, "skipped": 0, "tests": {}})
         row[result["outcome"]] += 1
         row["tests"][nodeid] = result
+    for row in scores.values():
+        row["pass"] = row["failed"] == 0 and row["passed"] > 0   # a task passes when all its tests pass
     return dict(sorted(scores.items()))
+
+
+def overall(scores: dict) -> dict:
+    """The overall score: tasks passed of tasks graded (the grade), and tests passed of tests run."""
+    tasks = len(scores)
+    passed = sum(row["pass"] for row in scores.values())
+    tests = sum(row["passed"] + row["failed"] + row["skipped"] for row in scores.values())
+    return {"tasks_passed": passed, "tasks": tasks, "fraction": passed / tasks if tasks else 0.0,
+            "tests_passed": sum(row["passed"] for row in scores.values()), "tests": tests}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -159,17 +237,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section(f"task scores ({choice})")
     for task, row in scores.items():
         total = row["passed"] + row["failed"] + row["skipped"]
-        verdict = "PASS" if row["failed"] == 0 and row["passed"] > 0 else "FAIL"
-        line = f"{task:<6} {verdict}  {row['passed']:>2}/{total:<2} {row['what']}"
+        line = f"{task:<6} {'PASS' if row['pass'] else 'FAIL'}  {row['passed']:>2}/{total:<2} {row['what']}"
         first = next((t["message"] for t in row["tests"].values() if t["outcome"] == "failed"), "")
-        if first:
-            line += f"\n         first failure: {first.splitlines()[0][:300]}"
+        if first:   # the whole message: its hint is often at the end
+            line += "\n         first failure: " + first.replace("\n", "\n         ")
         terminalreporter.write_line(line)
+    score = overall(scores)
+    terminalreporter.write_line(f"score: {score['tasks_passed']}/{score['tasks']} tasks pass "
+                                f"({score['tests_passed']}/{score['tests']} tests)")
 
 
 def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--task-report")
     if path:
+        scores = _scores()
         report = {"solution": session.config.getoption("--solution"), "exitstatus": int(exitstatus),
-                  "tasks": _scores()}
-        Path(path).write_text(json.dumps(report, indent=1))
+                  "score": overall(scores), "tasks": scores}
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)   # grades/alice/a1.json on a fresh machine
+        path.write_text(json.dumps(report, indent=1))

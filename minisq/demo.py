@@ -2,12 +2,14 @@
 
 Loads a model (default ``gpt2``; any GPT-2/OPT/Llama-family hub id or local folder, or ``synthetic``),
 calibrates it on WikiText-2 text, smooths it, and evaluates the float model against W8A8
-variants with and without smoothing. Prints one table (perplexity, LAMBADA accuracy,
-weight memory, time), writes figures and a JSON/Markdown report to ``--out``, and ends
-with generated text from the float and the SmoothQuant W8A8 model side by side.
+variants with and without smoothing. Prints one table (perplexity, KL to the float model,
+LAMBADA accuracy, weight memory, time), writes figures and a JSON/Markdown report to
+``--out``, and ends with generated text from the float and the SmoothQuant W8A8 model side
+by side.
 
 Offline, or when the default model cannot be downloaded, it falls back to the labeled
-synthetic-outlier model (random weights with planted outlier channels).
+synthetic-outlier model (random weights with planted outlier channels, GPT-2's vocabulary),
+which decodes its text with the GPT-2 tokenizer files shipped in ``minisq/assets/gpt2``.
 """
 
 from __future__ import annotations
@@ -32,25 +34,53 @@ from .errors import DataError, MinisqError
 from .evaluate import lambada_accuracy, perplexity
 from .loading import load
 from .baselines import BASELINES, largest_group_size
+from .progress import progress
 from .qlinear import DEFAULT_SKIP, PRESETS, quantize, weight_memory
 from .smooth import smooth
 from .synthetic import SYNTHETIC_LABEL, synthetic_model
+from .tokenizer import packaged_gpt2_tokenizer
 
 DEFAULT_MODEL = "gpt2"
 # --quick on the synthetic model: a small GPT-2 with GPT-2's vocabulary (so real text works)
 QUICK_SYNTHETIC = ModelConfig(hidden_size=256, num_layers=4, num_heads=4, ffn_dim=1024)
 PROMPT = "The capital of France is"
+# --quick on the synthetic model: perplexity windows of 64 tokens, so that its eval and
+# calibration text (sampled token by token from the float model) takes 63 decoding steps
+QUICK_SYNTHETIC_SEQ_LEN = 64
+
+DESCRIPTION = """\
+The SmoothQuant story on one model, in one command. Loads a model (default gpt2; any
+GPT-2/OPT hub id or local folder, or 'synthetic'), calibrates it on WikiText-2 text, smooths
+it, and evaluates the float model against W8A8 variants with and without smoothing. Prints
+one table, writes figures and a JSON/Markdown report to --out, and ends with text generated
+by the float and the SmoothQuant W8A8 model side by side.
+
+Offline, or when the default model cannot be downloaded, it falls back to a labeled SYNTHETIC
+model (random weights with planted outlier channels, GPT-2's vocabulary and tokenizer): its
+perplexities are measured on text sampled from its own float model, and only the differences
+between variants mean anything."""
+
+EPILOG = """\
+The table's columns:
+  perplexity   exp(mean next-token NLL) on the eval tokens (lower is better)
+  KL to FP     mean KL(p_float || p_variant) of the next-token distributions over the
+               first eval window: how far each variant is from the float model (0 = same)
+  LAMBADA      last-word accuracy (real models only)
+  weights MiB  bytes the weights are stored in / 2^20 (int8 weights + scales; lm_head stays float)
+  time s       seconds to evaluate the variant
+
+Examples:
+  python -m minisq.demo                              # GPT-2 small (downloads ~500 MB once)
+  python -m minisq.demo --model facebook/opt-125m --alpha 0.5
+  python -m minisq.demo --model synthetic --quick    # offline (see README.md for measured times)
+  python -m minisq.demo --model ./my-gpt2-folder --device gpu
+"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m minisq.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n"
-               "  python -m minisq.demo                      # GPT-2 small (downloads ~500 MB once)\n"
-               "  python -m minisq.demo --model facebook/opt-125m --alpha 0.5\n"
-               "  python -m minisq.demo --model HuggingFaceTB/SmolLM-135M   # a Llama\n"
-               "  python -m minisq.demo --model synthetic --quick   # offline, under a minute\n"
-               "  python -m minisq.demo --model ./my-gpt2-folder --device gpu\n")
+        prog="python -m minisq.demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG)
     ap.add_argument("--model", default=None,
                     help=f"hub id (gpt2, gpt2-medium, facebook/opt-125m, HuggingFaceTB/SmolLM-135M, ...), a local HF folder, or 'synthetic' "
                          f"(default: {DEFAULT_MODEL}; falls back to synthetic when it cannot be downloaded)")
@@ -58,14 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calib-samples", type=int, default=None,
                     help="number of WikiText-2 paragraphs to calibrate on (default 64; --quick 8)")
     ap.add_argument("--eval-tokens", type=int, default=None,
-                    help="WikiText-2 test tokens for perplexity (default 4096; --quick 1024)")
+                    help="WikiText-2 test tokens for perplexity (default 4096; --quick 512)")
     ap.add_argument("--lambada-samples", type=int, default=None,
                     help="LAMBADA passages to score, 0 to skip (default 100; --quick 16)")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="perplexity window length (default: the model's context, at most 1024; 256 with --quick "
-                         "or the synthetic model)")
+                         f"or the synthetic model; {QUICK_SYNTHETIC_SEQ_LEN} with both)")
     ap.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
-                    help="comma-separated α values for the α-sweep figure, '' to skip (default 0,0.25,0.5,0.75,1)")
+                    help="comma-separated α values for the α-sweep figure (SmoothQuant-O2 perplexity on the "
+                         "table's eval tokens), '' to skip (default 0,0.25,0.5,0.75,1)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="run on the CPU (NumPy) or GPU (CuPy)")
     ap.add_argument("--out", default="minisq-out", help="folder for figures and the report (default ./minisq-out)")
     ap.add_argument("--data-dir", default=None,
@@ -73,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="a small, fast run (smaller synthetic model, fewer tokens)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the synthetic model and sampling")
     args = ap.parse_args(argv)
-    defaults = dict(calib_samples=(8, 64), eval_tokens=(1024, 4096), lambada_samples=(16, 100))
+    defaults = dict(calib_samples=(8, 64), eval_tokens=(512, 4096), lambada_samples=(16, 100))
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
@@ -95,19 +126,6 @@ def banner(text: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------
 
-def _gpt2_tokenizer(data_dir):
-    """GPT-2's tokenizer from the data folder (for the synthetic model), or None."""
-    from .tokenizer import load_tokenizer
-
-    d = datasets.data_dir(data_dir)
-    if d is None or not (d / "gpt2").is_dir():
-        return None
-    try:
-        return load_tokenizer(d / "gpt2", "gpt2")
-    except MinisqError:
-        return None
-
-
 def load_model(args):
     """(model, note): the asked-for model, or the synthetic one with a note saying why."""
     name = args.model or DEFAULT_MODEL
@@ -122,7 +140,7 @@ def load_model(args):
         note = "asked for with --model synthetic"
     cfg = QUICK_SYNTHETIC if args.quick else ModelConfig()
     model = synthetic_model(cfg, outlier_scale=60.0, n_outliers=6, seed=args.seed,
-                            tokenizer=_gpt2_tokenizer(args.data_dir))
+                            tokenizer=packaged_gpt2_tokenizer())   # GPT-2's vocabulary: decodes offline
     return model.to(args.device), note
 
 
@@ -160,18 +178,48 @@ def synthetic_texts(args, model, seq_len: int):
     """For the synthetic model, real text is noise: its perplexity on WikiText-2 is
     astronomically high whatever the quantization. Instead it is evaluated on token streams
     SAMPLED FROM THE FLOAT MODEL ITSELF (temperature 1), on which the float model has a low
-    perplexity and every quantization error shows. Calibration uses other samples."""
+    perplexity and every quantization error shows. Calibration uses other samples.
+
+    Each decoding step reads every weight (lm_head alone is V·C floats) whatever the number
+    of rows, so the rows are sampled side by side: eval rows of ``seq_len`` and calibration
+    rows of ``min(seq_len, 128)`` in one batch when their lengths agree (``--quick``)."""
     n_eval = max(1, -(-args.eval_tokens // seq_len))
     calib_len = min(seq_len, 128)
-    with_prompt = lambda n, seed: np.random.default_rng(seed).integers(0, model.config.vocab_size, (n, 1))  # noqa: E731
     t0 = time.perf_counter()
-    eval_rows = model.generate_ids(with_prompt(n_eval, args.seed + 1), max_new_tokens=seq_len - 1,
-                                   temperature=1.0, seed=args.seed + 1)
-    calib_rows = model.generate_ids(with_prompt(args.calib_samples, args.seed + 2), max_new_tokens=calib_len - 1,
-                                    temperature=1.0, seed=args.seed + 2)
-    say(f"sampled {eval_rows.size + calib_rows.size} SYNTHETIC tokens from the float model "
-        f"in {time.perf_counter() - t0:.1f} s (LAMBADA skipped: meaningless for random weights)")
+    say(f"sampling SYNTHETIC text from the float model: {n_eval} eval rows of {seq_len} tokens and "
+        f"{args.calib_samples} calibration rows of {calib_len} (LAMBADA skipped: meaningless for random weights)")
+    if calib_len == seq_len:
+        rows = sample_streams(model, n_eval + args.calib_samples, seq_len, seed=args.seed + 1)
+        eval_rows, calib_rows = rows[:n_eval], rows[n_eval:]
+    else:
+        eval_rows = sample_streams(model, n_eval, seq_len, seed=args.seed + 1)
+        calib_rows = sample_streams(model, args.calib_samples, calib_len, seed=args.seed + 2)
+    say(f"sampled {eval_rows.size + calib_rows.size} SYNTHETIC tokens in {time.perf_counter() - t0:.1f} s")
     return list(calib_rows), eval_rows.reshape(-1), [], "SYNTHETIC token streams sampled from the float model"
+
+
+def sample_streams(model, rows: int, length: int, seed: int) -> np.ndarray:
+    """``rows`` token streams of ``length`` sampled from ``model`` at temperature 1, with the KV
+    cache and a progress bar over the decoding steps (``model.generate_ids`` shows none).
+
+    Sampling is Gumbel-max: ``argmax(logits + Gumbel noise)`` is an exact draw from
+    ``softmax(logits)``. Holds one step's logits ``[rows, V]`` and the KV cache.
+    """
+    # -> [rows, length] int64
+    from .model import KVCache
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, model.config.vocab_size, (rows, 1))                  # [B, 1] random first tokens
+    cache = KVCache(model.config.num_layers, reserve=length)
+    logits, cache = model.forward(ids, cache=cache)                             # [B, 1, V]
+    out = [ids]
+    for _ in progress(range(length - 1), True, "sampling"):
+        z = to_numpy(logits[:, -1]).astype(np.float64)                          # [B, V]
+        nxt = (z + rng.gumbel(size=z.shape)).argmax(axis=-1)[:, None]           # [B, 1]
+        out.append(nxt)
+        if len(out) < length:
+            logits, cache = model.forward(nxt, cache=cache)
+    return np.concatenate(out, axis=1)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -225,9 +273,10 @@ def run(args) -> dict:
         banner(f"minisq SmoothQuant demo: {name}")
     say(f"{model}")
     # Windows of 1024 on real models; 256 on the synthetic one, whose eval text is sampled
-    # token by token from the float model (shorter windows sample in parallel).
+    # token by token from the float model (shorter windows sample in parallel); 64 for both.
     short = args.quick or model.config.is_synthetic
-    seq_len = args.seq_len or min(model.config.max_positions, 256 if short else 1024)
+    default = QUICK_SYNTHETIC_SEQ_LEN if args.quick and model.config.is_synthetic else 256 if short else 1024
+    seq_len = args.seq_len or min(model.config.max_positions, default)
     calib, eval_ids, passages, source = load_texts(args, model, seq_len)
     eval_ids = eval_ids[: max(args.eval_tokens, seq_len)]
     say(f"data: {source}; {len(calib)} calibration sequences, {len(eval_ids)} eval tokens "
@@ -257,12 +306,12 @@ def run(args) -> dict:
                          weights=opts.get("weights", cfg["weights"]) if preset else "fp32",
                          acts=opts.get("acts", cfg["acts"]) if preset else "fp32",
                          perplexity=ppl, kl_to_fp=kl, lambada_acc=acc,
-                         weight_mb=mem["stored_bytes"] / 2**20, seconds=secs,
+                         weight_mib=mem["stored_bytes"] / 2**20, seconds=secs,
                          kv_bytes_per_token=m.kv_cache_bytes_per_token(), options=opts))
         say(f"  {label:<38} ppl {ppl:10.3f}   KL to FP {kl:.2e}"
             + (f"   LAMBADA {acc:6.1%}" if acc is not None else "") + f"   ({secs:.1f} s)")
 
-    figures = make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out, name)
+    figures, sweep = make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out, name, rows)
     plots.landscape(rows, title="the paper's comparison: KL to float", model_name=name,
                     path=out / "landscape.png")
     figures.append("landscape.png")
@@ -270,7 +319,7 @@ def run(args) -> dict:
     report = dict(model=name, synthetic=model.config.is_synthetic, note=note, alpha=args.alpha,
                   data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len,
                   lambada_passages=len(passages), calib_sequences=len(calib), device=args.device,
-                  rows=rows, figures=figures, generation=text)
+                  rows=rows, figures=figures, alpha_sweep=sweep, generation=text)
     table = format_table(rows, name, model.config.is_synthetic)
     say("")
     say(table)
@@ -284,35 +333,48 @@ def run(args) -> dict:
     return report
 
 
-def make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out: Path, name: str) -> list:
-    """Write the figures; returns their file names."""
+def make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out: Path, name: str, rows) -> tuple:
+    """Write the figures; returns their file names and the α sweep's numbers (or None).
+
+    The α sweep is SmoothQuant-O2 perplexity on the table's own eval tokens and windows, so
+    its float line and its point at ``--alpha`` are the table's FP32 and SmoothQuant-O2 rows.
+    """
     layer = model.config.num_layers // 2
     qkv = model.family.QKV_OUTPUTS[0][0].format(i=layer)          # the leaf that gives q
     files = []
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    say(f"figures: activations, channel ranges, per-layer SQNR"
+        + (f", α sweep ({len(alphas)} smoothed W8A8 models on {len(eval_ids)} eval tokens)" if alphas else ""))
     plots.activation_surfaces(stats.samples[qkv][:64], s_stats.samples[qkv][:64],
                               model.linears()[qkv].w, smoothed.linears()[qkv].w,
                               title=f"{qkv} input before/after smoothing (α={args.alpha})", model_name=name,
                               path=out / "activations.png")
     files.append("activations.png")
-    plots.channel_max_bars(stats.channel_absmax[qkv], after=s_stats.channel_absmax[qkv],
-                           title=f"per-channel max |x| into {qkv}", model_name=name, path=out / "channel_max.png")
+    planted = model.info.get("outlier_channels")   # the synthetic model's planted outliers: name them all
+    plots.channel_max_bars(stats.channel_absmax[qkv], after=s_stats.channel_absmax[qkv], channels=planted,
+                           top=6, title=f"per-channel max |x| into {qkv}", model_name=name,
+                           path=out / "channel_max.png")
     files.append("channel_max.png")
     plots.layer_sqnr(layer_errors(model, stats, "naive"), layer_errors(smoothed, s_stats, "naive"),
                      title="per-layer SQNR, W8A8 naive (per-tensor)", model_name=name, path=out / "layer_sqnr.png")
     files.append("layer_sqnr.png")
-    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    if alphas:
-        sweep_ids = eval_ids[: max(seq_len, min(len(eval_ids), 2 * seq_len))]
-        ppls = []
-        for a in alphas:
-            ppls.append(perplexity(quantize(smooth(model, stats, alpha=a, groups=smoothing_groups(model)), "O2"), sweep_ids, seq_len=seq_len,
-                                   progress=False))
-        fp = perplexity(model, sweep_ids, seq_len=seq_len, progress=False)
-        plots.alpha_sweep(alphas, ppls, ylabel=f"perplexity ({len(sweep_ids)} tokens)",
-                          title="SmoothQuant-O2 perplexity vs α", model_name=name, baseline=fp,
-                          path=out / "alpha_sweep.png")
-        files.append("alpha_sweep.png")
-    return files
+    if not alphas:
+        return files, None
+    table = {r["variant"]: r["perplexity"] for r in rows}
+    ppls = []
+    for a in progress(alphas, True, "α sweep"):
+        if a == args.alpha:     # the table's SmoothQuant-O2 row: the same model on the same tokens
+            ppls.append(table["SmoothQuant-O2"])
+            continue
+        sq = quantize(smooth(model, stats, alpha=a, groups=smoothing_groups(model)), "O2")
+        ppls.append(perplexity(sq, eval_ids, seq_len=seq_len, progress=False))
+    fp = table["FP32 (float)"]
+    plots.alpha_sweep(alphas, ppls, ylabel="perplexity",
+                      title=f"SmoothQuant-O2 perplexity vs α\n(the table's {len(eval_ids)} eval tokens, windows of "
+                            f"{seq_len})", model_name=name, baseline=fp, path=out / "alpha_sweep.png")
+    files.append("alpha_sweep.png")
+    return files, dict(alphas=alphas, perplexity=ppls, float_perplexity=fp, eval_tokens=int(len(eval_ids)),
+                       preset="O2")
 
 
 def side_by_side(fp_model, q_model, max_new_tokens: int = 16) -> dict:
@@ -330,7 +392,7 @@ def format_table(rows, name: str, synthetic: bool) -> str:
     has_acc = any(r["lambada_acc"] is not None for r in rows)
     head = f"| {'variant':<38} | {'W':<11} | {'A':<11} | {'perplexity':>14} | {'KL to FP':>9} |"
     head += f" {'LAMBADA':>8} |" if has_acc else ""
-    head += f" {'weights MB':>10} | {'KV B/tok':>8} | {'time s':>7} |"
+    head += f" {'weights MiB':>11} | {'KV B/tok':>8} | {'time s':>7} |"
     sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
     lines = [f"{'SYNTHETIC model (random weights, planted outliers): ' if synthetic else ''}{name}", head, sep]
     for r in rows:
@@ -339,7 +401,7 @@ def format_table(rows, name: str, synthetic: bool) -> str:
         if has_acc:
             acc = r["lambada_acc"]
             line += f" {acc:>8.1%} |" if acc is not None else f" {'-':>8} |"
-        line += f" {r['weight_mb']:>10.1f} | {r['kv_bytes_per_token']:>8,d} | {r['seconds']:>7.1f} |"
+        line += f" {r['weight_mib']:>11.1f} | {r['kv_bytes_per_token']:>8,d} | {r['seconds']:>7.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -356,10 +418,11 @@ def write_report(out: Path, report: dict, table: str) -> None:
     if report["synthetic"]:
         md += [f"**{SYNTHETIC_LABEL}.** Random weights; compare variants with each other, not with real models.", ""]
     md += ["KL to FP: mean KL divergence of each variant's next-token distribution from the float "
-           "model's, over the first evaluation window (0 = identical). KV B/tok: bytes the KV cache holds "
-           "per token of one sequence. The rows after SmoothQuant-O3 are the paper's baselines "
-           "(minisq.baselines): per-channel activation scales (accurate, but no INT8 GEMM can use them), "
-           "weight-only INT8, ZeroQuant, LLM.int8() (outlier channels in float), and an INT8 KV cache.", ""]
+           "model's, over the first evaluation window (0 = identical). Weights MiB: bytes the weights "
+           "are stored in / 2^20. KV B/tok: bytes the KV cache holds per token of one sequence. The rows "
+           "after SmoothQuant-O3 are the paper's baselines (minisq.baselines): per-channel activation scales "
+           "(accurate, but no INT8 GEMM can use them), weight-only INT8, ZeroQuant, LLM.int8() (outlier "
+           "channels in float), and an INT8 KV cache.", ""]
     md += [f"- α = {report['alpha']}, data: {report['data']}",
            f"- {report['eval_tokens']} eval tokens in windows of {report['seq_len']}, "
            f"{report['lambada_passages']} LAMBADA passages, {report['calib_sequences']} calibration sequences",

@@ -108,9 +108,16 @@ def _scale_hint(granularity, x, idx, yours, expected, static) -> str:
     if static:
         return (f"your scale is {yours:.6g}, expected {expected:.6g}: with a static scale, return the scale "
                 f"you were given (in x's dtype); do not recompute it from x")
-    if expected == 1.0 and amax / QMAX < np.finfo(x.dtype).tiny:
-        return (f"{where} is all zeros ({label} = {amax:.3g}): expected scale 1 (the zero-range guard: "
+    tiny = np.finfo(x.dtype).tiny
+    quotient = float(x.dtype.type(amax) / x.dtype.type(QMAX))       # as the quantizer computes it
+    if expected == 1.0 and amax == 0:
+        return (f"{where} is all zeros ({label} = 0): expected scale 1 (the zero-range guard: "
                 f"{label}/127 = 0 would make x / scale divide by zero), yours is {yours:.6g}")
+    if expected == 1.0 and quotient < tiny:
+        return (f"{where} is not zero but tiny: {label} = {amax:.6g}, so {label}/127 = {quotient:.6g} is below "
+                f"the smallest normal {x.dtype} ({tiny:.6g}), a subnormal number; expected scale 1 (the "
+                f"zero-range guard applies wherever {label}/127 < np.finfo({x.dtype}).tiny, not only where it "
+                f"is 0), yours is {yours:.6g}")
     msg = f"{where}: your scale is {yours:.6g}, expected {expected:.6g} = {label}/127 = {amax:.6g}/127"
     if not np.isfinite(yours) or yours <= 0:
         return msg + "; a scale must be finite and > 0"

@@ -86,6 +86,17 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, pad_id={self.pad_id}, add_bos={self.add_bos})")
 
 
+# GPT-2's vocab.json + merges.txt, shipped as package data (see assets/gpt2/SOURCE.md).
+PACKAGED_GPT2 = Path(__file__).resolve().parent / "assets" / "gpt2"
+
+
+def packaged_gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's tokenizer from the files shipped inside minisq (``minisq/assets/gpt2``, OpenAI's
+    Modified MIT license): no data folder or download needed. The synthetic models use GPT-2's
+    vocabulary, so this turns their token ids into text offline."""
+    return load_tokenizer(PACKAGED_GPT2, "gpt2")
+
+
 def load_tokenizer(folder, model_type: str) -> Tokenizer:
     """The tokenizer of a checkpoint folder of ``model_type`` ("gpt2", "opt", "llama", ...).
 

@@ -516,10 +516,10 @@ print("qkv inputs:", QKV, "\nfc1 inputs:", FC1)
 The max |x| of every input channel of layer 0's q/k/v projection and of its first MLP
 linear (`channel_absmax`), with the widest channels named.
 %% code
-display(plots.channel_max_bars(stats.channel_absmax[QKV[0]], top=K_TOP, title=f"input of {QKV[0]}",
-                               model_name=NAME))
-display(plots.channel_max_bars(stats.channel_absmax[FC1[0]], top=K_TOP, title=f"input of {FC1[0]}",
-                               model_name=NAME))
+display(plots.channel_max_bars(stats.channel_absmax[QKV[0]], top=K_TOP, channels=planted,
+                               title=f"input of {QKV[0]}", model_name=NAME))
+display(plots.channel_max_bars(stats.channel_absmax[FC1[0]], top=K_TOP, channels=planted,
+                               title=f"input of {FC1[0]}", model_name=NAME))
 %% md
 ## 2. Tokens x channels
 
@@ -737,7 +737,8 @@ are gone from X, and the weights got a little harder instead.
 %% code
 stats_sm = minisq.calibrate(smoothed, calib, keep_samples=256, progress=False)
 display(plots.channel_max_bars(stats.channel_absmax[QKV[0]], top=K_TOP, after=stats_sm.channel_absmax[QKV[0]],
-                               title=f"input of {QKV[0]}, α = 0.5", model_name=NAME))
+                               channels=model.info.get("outlier_channels"), title=f"input of {QKV[0]}, α = 0.5",
+                               model_name=NAME))
 display(plots.activation_surfaces(stats.samples[QKV[0]][:64], stats_sm.samples[QKV[0]][:64],
                                   model.linears()[QKV[0]].w, smoothed.linears()[QKV[0]].w, model_name=NAME))
 %% code

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -22,19 +23,33 @@ def _check_outputs(out, synthetic: bool) -> dict:
     for r in rows.values():
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
         assert math.isfinite(r["kl_to_fp"]) and r["kl_to_fp"] >= 0
-        assert r["weight_mb"] > 0
+        assert r["weight_mib"] > 0
     assert rows["FP32 (float)"]["kl_to_fp"] == 0.0
     md = (out / "report.md").read_text()
     assert "SmoothQuant-O3" in md and ("SYNTHETIC" in md) == synthetic
     return rows
 
 
-def test_demo_on_the_synthetic_model_quick(tmp_path, capsys, shared_data):
+def test_demo_on_the_synthetic_model_quick(tmp_path, capsys, monkeypatch):
+    """Offline, with no data folder at all: the packaged GPT-2 tokenizer decodes the text (issue 15)."""
+    monkeypatch.delenv("MINISQ_DATA_DIR", raising=False)
     out = tmp_path / "out"
-    assert main(["--model", "synthetic", "--quick", "--out", str(out), "--data-dir", str(shared_data)]) == 0
+    assert main(["--model", "synthetic", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed and "| SmoothQuant-O1" in printed and "Generated text" in printed
+    generated = printed[printed.index("Generated text"):]
+    assert "prompt 'The capital of France is'" in generated and "[1, 2, 3" not in generated
+    for line in generated.splitlines()[1:3]:          # the FP32 and SmoothQuant-O3 continuations
+        text = line.split(":", 1)[1].strip().strip("'\"")
+        assert text.startswith("The capital of France is ") and len(text) > len("The capital of France is ") + 5
+    assert "weights MiB" in printed and "weights MB" not in printed
+    assert re.search(r"sampling SYNTHETIC text .*\n.*sampled \d+ SYNTHETIC tokens", printed), "sampling says so"
     rows = _check_outputs(out, synthetic=True)
+    report = json.loads((out / "report.json").read_text())
+    # the α sweep is computed on the table's tokens: its float line and its α = --alpha point are table rows
+    sweep = report["alpha_sweep"]
+    assert sweep["eval_tokens"] == report["eval_tokens"] and sweep["float_perplexity"] == rows["FP32 (float)"]["perplexity"]
+    assert sweep["perplexity"][sweep["alphas"].index(report["alpha"])] == rows["SmoothQuant-O2"]["perplexity"]
     fp = rows["FP32 (float)"]["perplexity"]
     naive = rows["W8A8 naive (= O2 without smoothing)"]
     for sq in ("SmoothQuant-O1", "SmoothQuant-O2", "SmoothQuant-O3"):
@@ -50,7 +65,7 @@ def test_demo_on_the_synthetic_model_quick(tmp_path, capsys, shared_data):
     kv, o3 = rows["SmoothQuant-O3 + INT8 KV cache"], rows["SmoothQuant-O3"]
     assert kv["kv_bytes_per_token"] < o3["kv_bytes_per_token"] / 3
     # int8 block weights are smaller than float32 ones
-    assert rows["SmoothQuant-O3"]["weight_mb"] < rows["FP32 (float)"]["weight_mb"]
+    assert rows["SmoothQuant-O3"]["weight_mib"] < rows["FP32 (float)"]["weight_mib"]
 
 
 def test_demo_on_a_tiny_local_checkpoint_with_real_text(tmp_path, capsys, make_checkpoint, shared_data):
@@ -92,3 +107,5 @@ def test_demo_help_documents_every_option():
     for opt in ("--model", "--alpha", "--calib-samples", "--eval-tokens", "--device", "--out", "--quick",
                 "--data-dir", "synthetic"):
         assert opt in res.stdout
+    assert "``" not in res.stdout and ":func:" not in res.stdout, "plain text, not reStructuredText"
+    assert "KL to FP" in res.stdout and "KL(p_float || p_variant)" in res.stdout and "weights MiB" in res.stdout

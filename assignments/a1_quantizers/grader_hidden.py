@@ -1,6 +1,6 @@
 """Grader for Assignment 1 (quantizers): the hidden edge cases (not handed out).
 
-Zero groups (the zero-range guard), one-element groups, M = 1, odd shapes, extreme and
+Zero groups and groups whose max|x| / 127 is subnormal (the zero-range guard), one-element groups, M = 1, odd shapes, extreme and
 float64 values, exact ties, NaN/inf inputs (an error is expected) and invalid static scales.
 """
 
@@ -41,6 +41,12 @@ CASES = [
     ("odd-shape", rng.standard_normal((7, 13)).astype(np.float64) * 1e4),
     ("huge-float32", (rng.standard_normal((4, 5)) * 1e35).astype(np.float32)),
     ("tiny-float64", rng.standard_normal((4, 5)) * 1e-200),
+    # max|x| / 127 below the smallest normal float (subnormal): the zero-range guard gives scale 1
+    ("subnormal-quotient-float32", (rng.uniform(-1, 1, (3, 4)) * 1e-37).astype(np.float32)),
+    ("subnormal-input-float32", np.array([[1e-40, -3e-41], [0.0, 2e-42]], np.float32)),
+    ("subnormal-quotient-float64", rng.uniform(-1, 1, (2, 3)) * 1e-307),
+    ("subnormal-input-float64", np.array([[1e-310, -5e-312, 0.0]])),
+    ("one-subnormal-row", np.array([[1.0, -2.0, 3.0], [1e-39, 0.0, -1e-39]], np.float32)),
     ("ties", np.array([[127.0, 63.5, -0.5, 1.5], [2.5, -2.5, 0.5, 126.5]])),
 ]
 
@@ -100,7 +106,7 @@ def test_static_scale_clips_both_ends_in_float64(student):
 
 
 @pytest.mark.a1_5
-@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf"), 1e-50])  # 1e-50: 0 in float32
 def test_static_scale_must_be_positive_and_finite(student, scale):
     with pytest.raises(ValueError):
         student.quantize_static(np.ones((2, 2), np.float32), scale)

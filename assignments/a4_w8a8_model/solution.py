@@ -66,8 +66,9 @@ def static_scale(channel_absmax, dtype=np.float32):
     """The static (O3) activation scale of one layer: ``Δ = max_k absmax[k] / 127`` as a 0-d array.
 
     The per-tensor range is the max of the per-channel ranges, cast to ``dtype`` and divided
-    by 127 in ``dtype``. As the quantizers do, a scale that would be 0 or subnormal (a layer
-    whose calibration input was all zeros) is 1 instead, so nothing is ever divided by 0.
+    by 127 in ``dtype``. As the quantizers do, a scale below ``np.finfo(dtype).tiny`` (0 for a
+    layer whose calibration input was all zeros, or subnormal for one whose range was tiny) is
+    1 instead, so nothing is ever divided by 0.
     ValueError for NaN/inf or negative ranges.
     """
     # Task 4.2
