@@ -162,7 +162,7 @@ def landscape(rows, title: str = "", model_name: str = "", path=None):
     scale, lower is better) as a horizontal bar, best at the top, its label carrying the
     weight memory and the KV cache's bytes per token.
 
-    ``rows``: dicts with ``variant``, ``kl_to_fp``, ``weight_mb`` and (optionally)
+    ``rows``: dicts with ``variant``, ``kl_to_fp``, ``weight_mib`` and (optionally)
     ``kv_bytes_per_token`` (the demo's rows).
     """
     rows = sorted((r for r in rows if r["kl_to_fp"] > 0), key=lambda r: r["kl_to_fp"], reverse=True)
@@ -170,7 +170,7 @@ def landscape(rows, title: str = "", model_name: str = "", path=None):
     ax = fig.add_subplot(1, 1, 1)
     y = np.arange(len(rows))
     ax.barh(y, [r["kl_to_fp"] for r in rows], color="tab:blue")
-    labels = [f"{r['variant']}  ({r['weight_mb']:.1f} MB"
+    labels = [f"{r['variant']}  ({r['weight_mib']:.1f} MiB"
               + (f", KV {r['kv_bytes_per_token']:,} B/tok" if "kv_bytes_per_token" in r else "") + ")"
               for r in rows]
     ax.set_yticks(y)
