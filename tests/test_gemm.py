@@ -391,7 +391,7 @@ def test_epilogue_validates_shapes_and_dtypes():
     with pytest.raises(ShapeError):
         dequant_epilogue(np.zeros(6, np.int32), 1.0, 1.0)
     with pytest.raises(ConfigError):
-        dequant_epilogue(acc, 1.0, 1.0, out_dtype=np.float16)
+        dequant_epilogue(acc, 1.0, 1.0, out_dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------
