@@ -19,37 +19,47 @@ DEVICES = ("cpu", "gpu")
 
 
 @functools.lru_cache(maxsize=1)
-def _cupy():
-    """The cupy module, or None when it cannot be imported."""
+def _cupy_or_error():
+    """(the cupy module, None), or (None, why it cannot be imported)."""
     try:
         import cupy  # noqa: PLC0415  (the only CuPy import in minisq)
-    except Exception:  # ImportError, or a CUDA library that fails to load
-        return None
-    return cupy
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        return None, f"CuPy cannot be imported ({type(exc).__name__}: {exc})"
+    return cupy, None
+
+
+def _cupy():
+    """The cupy module, or None when it cannot be imported."""
+    return _cupy_or_error()[0]
 
 
 @functools.lru_cache(maxsize=1)
-def gpu_available() -> bool:
-    """True when CuPy imports *and* a CUDA device answers."""
-    cp = _cupy()
+def gpu_unavailable_reason() -> str | None:
+    """None when a GPU is usable; otherwise one line saying why not (for reports)."""
+    cp, why = _cupy_or_error()
     if cp is None:
-        return False
+        return why + ": install the GPU extra, pip install 'minisq[gpu]' (CUDA 12) or 'minisq[gpu-cuda13]'"
     try:
         if not cp.cuda.is_available():
-            return False
+            return f"CuPy {cp.__version__} imports, but no CUDA device is visible (no GPU or no driver)"
         cp.asarray([1.0]).sum().item()  # the first real op is what fails without a GPU
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return f"CuPy {cp.__version__} imports, but the first GPU operation failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports *and* a CUDA device answers."""
+    return gpu_unavailable_reason() is None
 
 
 def cupy():
     """The cupy module; raises DeviceError when no GPU is usable."""
     if not gpu_available():
         raise DeviceError(
-            "a GPU was asked for, but none is usable: install the GPU extra "
-            "(pip install 'minisq[gpu]', i.e. cupy-cuda12x) on a machine with an NVIDIA GPU "
-            "and driver, or use device='cpu'"
+            f"a GPU was asked for, but none is usable ({gpu_unavailable_reason()}); on a machine "
+            "with an NVIDIA GPU and driver install the GPU extra (pip install 'minisq[gpu]' for "
+            "cupy-cuda12x, 'minisq[gpu-cuda13]' for cupy-cuda13x), or use device='cpu'"
         )
     return _cupy()
 

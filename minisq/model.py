@@ -195,7 +195,7 @@ class Model:
             cache = KVCache(self.config.num_layers)
         forward = FORWARDS[self.config.model_type]
         logits = forward(self, ids, positions, bias, cache, trace if trace is not None else [])
-        if not bool(xp.isfinite(logits).all()):
+        if not nn.all_finite(logits):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
                 "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "
