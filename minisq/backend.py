@@ -9,6 +9,7 @@ the first array operation fails, so :func:`gpu_available` really asks the driver
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -119,3 +120,66 @@ def cublas_module():
 def cublas_handle() -> int:
     """The cuBLAS handle CuPy keeps for the current device (an int pointer)."""
     return cupy().cuda.device.get_cublas_handle()
+
+
+# ----------------------------------------------------------------------------------------
+# CPU: the BLAS thread count
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_api():
+    """(get_num_threads, set_num_threads) of the OpenBLAS that NumPy uses, or None.
+
+    NumPy's wheels bundle OpenBLAS as a shared library in the process (``scipy_openblas``
+    symbols since NumPy 2, plain ``openblas_*`` in other builds); other BLAS libraries (MKL,
+    Accelerate) give None, and :func:`blas_threads` is then a no-op.
+    """
+    import ctypes  # noqa: PLC0415
+    import glob  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    paths = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:  # Linux: the loaded libraries
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        pass
+    root = os.path.dirname(np.__file__)
+    paths += glob.glob(os.path.join(root, "..", "numpy.libs", "*openblas*")) + glob.glob(
+        os.path.join(root, ".dylibs", "*openblas*"))
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                    return get, set_
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Run the ``with`` block with NumPy's OpenBLAS limited to ``n`` threads (a no-op for
+    other BLAS libraries); the previous count is restored afterwards.
+
+    For many small matrix products (attention's per-head q·kᵀ and p·v), where splitting
+    each one over threads gains little and every call pays a hand-off between threads —
+    which costs far more than the product itself on a machine whose cores are busy with
+    other work. The setting is process-wide: do not change it from concurrent threads.
+    """
+    api = _openblas_thread_api()
+    if api is None:
+        yield
+        return
+    get, set_ = api
+    before = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(before)

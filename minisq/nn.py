@@ -16,11 +16,13 @@ kind it holds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import numpy as np
 
+from . import backend
 from .backend import get_array_module
 
 
@@ -168,7 +170,8 @@ def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 256):
     """The same as :func:`attention` (float only), faster for long prompts: queries go in
     blocks of ``block``, and each block multiplies only the keys it can see (up to its last
     position), skipping the masked upper triangle — about half of the work at T = S. Each
-    block normalizes after the second product (:func:`_attention_block`). Checked against
+    block normalizes after the second product (:func:`_attention_block`), and on the CPU
+    the many small per-head products run on one BLAS thread each. Checked against
     :func:`attention` in the tests.
 
     # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
@@ -176,11 +179,13 @@ def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 256):
     xp = get_array_module(q)
     T, S = q.shape[2], k.shape[2]
     out = xp.empty_like(q)
-    for t0 in range(0, T, block):
-        t1 = min(t0 + block, T)
-        seen = S - T + t1                      # keys visible to the block's last query
-        out[:, :, t0:t1] = _attention_block(q[:, :, t0:t1], k[:, :, :seen], v[:, :, :seen],
-                                            bias[:, :, t0:t1, :seen], scale)
+    # B·H small products per block: one BLAS thread each (see backend.blas_threads)
+    with backend.blas_threads(1) if xp is np else contextlib.nullcontext():
+        for t0 in range(0, T, block):
+            t1 = min(t0 + block, T)
+            seen = S - T + t1                      # keys visible to the block's last query
+            out[:, :, t0:t1] = _attention_block(q[:, :, t0:t1], k[:, :, :seen], v[:, :, :seen],
+                                                bias[:, :, t0:t1, :seen], scale)
     return out
 
 

@@ -371,3 +371,23 @@ def test_all_finite_catches_every_kind_of_bad_value_and_overflowing_sums():
     assert nn.all_finite(big)
     half = np.full((1, 4), 60000, np.float16)
     assert nn.all_finite(half)
+
+
+def test_a_quantized_model_cast_to_float16_runs_with_float16_activations():
+    """The GPU's float16 mode, on the CPU: W8A8 leaves take float16 inputs (quantized in
+    float32), the epilogue gives float16. float16 rounding moves some int8 codes by one, so
+    the logits differ from the float32 W8A8 model's by about the quantization error itself
+    (here up to ~0.3 on logits of std 4); they must stay within 1.5x of that error."""
+    import minisq
+    from minisq.config import ModelConfig
+
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, vocab_size=101, max_positions=64)
+    model = minisq.synthetic_model(cfg, n_outliers=2)
+    q32 = minisq.quantize(model, "O1")
+    q16 = q32.astype("float16")
+    ids = np.random.default_rng(0).integers(0, 101, (2, 16))
+    ref, y16, y32 = model(ids), q16(ids), q32(ids)
+    assert y16.dtype == np.float16 and y32.dtype == np.float32
+    err16, err32 = np.abs(y16.astype(np.float32) - ref).max(), np.abs(y32 - ref).max()
+    assert 0 < err16 <= 1.5 * err32
+    assert np.abs(y16.astype(np.float32) - y32).max() > 0  # it really ran in float16
