@@ -130,12 +130,19 @@ def _absmax_checked(xp, x, name: str = "x", axis=None):
     return m
 
 
-def _quantize(xp, x, scale):
-    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x."""
+def _quantize(xp, x, scale, dynamic: bool = False):
+    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x.
+
+    ``dynamic=True`` (the scale is this very group's ``dynamic_scale``) skips the clip,
+    which cannot change anything then: s = fl(max|x| / 127) >= (max|x| / 127)(1 - u), so
+    |x / s| <= 127 (1 + u) / (1 - u) < 127.5 and rint gives at most 127; where the zero-range
+    guard set s = 1, |x| < 127 · tiny and rint gives 0. (Tested against the clipped form.)
+    """
     # [...] float, broadcastable float -> [...] int8
-    t = x / scale                 # one fresh temporary, rounded and clipped in place
+    t = x / scale                 # one fresh temporary, rounded (and clipped) in place
     xp.rint(t, out=t)             # round half to even
-    xp.clip(t, -QMAX, QMAX, out=t)
+    if not dynamic:
+        xp.clip(t, -QMAX, QMAX, out=t)
     return t.astype(xp.int8)
 
 
@@ -159,7 +166,7 @@ def quantize_per_tensor(x, scale=None):
     else:
         _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, (), also=((1,), (1, 1)))
-    return _quantize(xp, x, s), xp.asarray(s)
+    return _quantize(xp, x, s, dynamic=scale is None), xp.asarray(s)
 
 
 def quantize_per_token(x, scale=None):
@@ -182,7 +189,7 @@ def quantize_per_token(x, scale=None):
     else:
         _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
-    return _quantize(xp, x, s), s
+    return _quantize(xp, x, s, dynamic=scale is None), s
 
 
 def quantize_per_channel(w, scale=None):
@@ -205,7 +212,7 @@ def quantize_per_channel(w, scale=None):
     else:
         _check_finite(xp, w, "w")
         s = _static_scale(xp, scale, w.dtype, (1, w.shape[1]), also=((w.shape[1],),))
-    return _quantize(xp, w, s), s
+    return _quantize(xp, w, s, dynamic=scale is None), s
 
 
 def dequantize(q, scale, dtype=None):
@@ -266,7 +273,7 @@ def fake_quantize(x, granularity: str = "per_tensor", scale=None):
 # (__fdiv_rn / __ddiv_rn, which fast-math could not replace), rint = round half to even,
 # clip to ±127, and the exact cast of an integral value to int8. float16 input is widened
 # to float32 exactly (cvt.f32.f16), as _float_input does. So the GPU's q and scale equal
-# NumPy's bit for bit (tests/test_quant.py holds an emulator of these steps against
+# NumPy's bit for bit (tests/test_fast_paths.py holds an emulator of these steps against
 # quantize_per_token on the CPU, and compiles this source with NVRTC where it can).
 QUANTIZE_ROWS_THREADS = 256
 QUANTIZE_ROWS_SOURCE = r"""

@@ -391,3 +391,19 @@ def test_a_quantized_model_cast_to_float16_runs_with_float16_activations():
     err16, err32 = np.abs(y16.astype(np.float32) - ref).max(), np.abs(y32 - ref).max()
     assert 0 < err16 <= 1.5 * err32
     assert np.abs(y16.astype(np.float32) - y32).max() > 0  # it really ran in float16
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dynamic_scales_need_no_clip(dtype):
+    """quant._quantize skips the clip for dynamic scales; rint(x / s) never leaves ±127 there
+    (rows at every magnitude, the largest entry of each row at ±max, ties, a zero row)."""
+    rng = np.random.default_rng(11)
+    rows = [rng.normal(size=257) * 10.0 ** rng.integers(-30, 30) for _ in range(300)]
+    rows += [np.r_[np.nextafter(np.float32(127.5), 0), -127.4, 0.5], np.zeros(3)]
+    for row in rows:
+        x = row.astype(dtype)[None]
+        x = x if np.isfinite(x).all() else np.zeros_like(x)
+        q, s = quantize_per_token(x)
+        xs = x.astype(s.dtype)
+        np.testing.assert_array_equal(q, np.clip(np.rint(xs / s), -127, 127).astype(np.int8))
+        assert np.abs(np.rint(xs / s)).max() <= 127
