@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minisq import backend
@@ -71,3 +72,65 @@ def test_markdown_renders_a_full_report():
     md = rep.markdown(report)
     assert "MADE-UP GPU" in md and "**2.00**" in md and "NonFiniteError" in md and "models: FAILED" in md
     assert rep.markdown({"gpu": None, "reason": "why"}).count("why") == 1
+
+
+class FakeCupy:
+    """Just enough of CuPy's surface for the report's timing and memory code, on NumPy:
+    events are wall-clock stamps and the memory pool reports zeros. It checks the
+    report's plumbing on the CPU (names, keys, arithmetic), not any GPU behaviour."""
+
+    float16 = np.float16
+    asarray = staticmethod(np.asarray)
+    matmul = staticmethod(np.matmul)
+
+    class _Pool:
+        def used_bytes(self):
+            return 0
+
+        def total_bytes(self):
+            return 0
+
+        def free_all_blocks(self):
+            pass
+
+    class cuda:  # noqa: N801  (mirrors cupy.cuda)
+        class Event:
+            def record(self):
+                import time
+                self.t = time.perf_counter()
+
+            def synchronize(self):
+                pass
+
+        class Device:
+            def synchronize(self):
+                pass
+
+        @staticmethod
+        def get_elapsed_time(start, end):
+            return (end.t - start.t) * 1e3
+
+    def get_default_memory_pool(self):
+        return self._Pool()
+
+
+def test_the_end_to_end_section_runs_on_a_fake_cupy(monkeypatch):
+    import minisq
+    from minisq.config import ModelConfig
+
+    rep = load_report_module()
+    tiny = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, vocab_size=101, max_positions=64)
+    monkeypatch.setattr(rep, "synthetic_config", lambda name: tiny)
+    monkeypatch.setattr(rep, "PREFILL_TOKENS", 16)
+    monkeypatch.setattr(rep, "DECODE_TOKENS", 2)
+    monkeypatch.setattr(minisq.Model, "to", lambda self, device: self)  # stays on the CPU
+    out = rep.bench_model(FakeCupy(), "GPT-2 small", np.random.default_rng(0))
+    assert set(out["variants"]) == {"float16", "W8A8 O1 (int8 GEMM, float16 activations)"}
+    for row in out["variants"].values():
+        assert "error" not in row and row["prefill_tokens_per_s"] > 0 and row["decode_ms_per_token"] > 0
+    assert out["prefill_speedup_w8a8"] > 0 and 0 <= out["argmax_agreement"] <= 1
+    assert "SYNTHETIC" in out["model"]
+    assert "SYNTHETIC" in rep.markdown(dict(gpu=dict(name="fake", compute_capability="-", memory_total_gib=0,
+                                                     cupy="-", cuda_runtime="-", cuda_driver="-", cublas="-"),
+                                            tests=None, gemm=[], models=[out], errors={}, seconds=0,
+                                            finished_utc="-"))
