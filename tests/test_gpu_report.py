@@ -134,3 +134,11 @@ def test_the_end_to_end_section_runs_on_a_fake_cupy(monkeypatch):
                                                      cupy="-", cuda_runtime="-", cuda_driver="-", cublas="-"),
                                             tests=None, gemm=[], models=[out], errors={}, seconds=0,
                                             finished_utc="-"))
+
+
+def test_the_gemm_section_runs_on_a_fake_cupy(monkeypatch):
+    rep = load_report_module()
+    monkeypatch.setattr(rep, "gemm_rows", lambda quick: [("tiny", "fc", 8, 12, 20), ("tiny", "odd", 5, 7, 3)])
+    rows = rep.bench_gemm(FakeCupy(), False, np.random.default_rng(0))
+    assert [r["layer"] for r in rows] == ["fc", "odd"]
+    assert all(r["exact_vs_cpu"] and r["ratio"] > 0 and r["int8_tops"] >= 0 for r in rows)
