@@ -19,7 +19,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
