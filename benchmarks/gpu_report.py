@@ -160,7 +160,7 @@ def bench_gemm(cp, quick: bool, rng) -> list:
         a8 = cp.asarray(rng.integers(-127, 128, (M, K), dtype=np.int8))
         w8 = cp.asarray(rng.integers(-127, 128, (K, N), dtype=np.int8))
         packed = pack_weight_tn(w8)
-        rows = np.sort(rng.choice(M, 4, replace=False))
+        rows = cp.asarray(np.sort(rng.choice(M, 4, replace=False)))   # 4 sampled rows, checked exactly
         exact = bool(np.array_equal(backend.to_numpy(int8_gemm(a8, packed)[rows]),
                                     int8_gemm_reference(backend.to_numpy(a8[rows]), backend.to_numpy(w8))))
         a16, w16 = a8.astype(cp.float16), w8.astype(cp.float16)
