@@ -2,8 +2,9 @@
 
 Builds a random GPT-2-small-shaped checkpoint (random weights: this measures speed, not
 quality), checks that both give the same logits, then times one forward of 1 x 1024 tokens
-(fp32) several times and prints the best times and their ratio (minisq / torch; lower is
-better, target <= 1.0).
+(fp32), minisq and torch taking turns (so a change in the machine's load hits both), and
+prints each one's best and median time, their ratio (minisq / torch; lower is better,
+target <= 1.0), the CPU model, NumPy's BLAS kernel and the load average.
 
     python benchmarks/forward.py [--tokens 1024] [--repeats 5]
 """
@@ -11,20 +12,29 @@ better, target <= 1.0).
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _machine  # noqa: E402
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Wall times of each function, run round-robin after one warm-up each."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -57,17 +67,20 @@ def main() -> None:
         with torch.no_grad():
             hf(ids_t)
 
-    t_ours = best_time(lambda: model(ids), args.repeats)
-    t_torch = best_time(run_torch, args.repeats)
-    import os
-
-    print(f"GPT-2 small shapes (random weights), 1 x {args.tokens} tokens, fp32, CPU, "
-          f"torch threads={torch.get_num_threads()}, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    load_before = _machine.load()
+    t = interleaved({"minisq": lambda: model(ids), "torch": run_torch}, args.repeats)
+    print(f"GPT-2 small shapes (random weights), 1 x {args.tokens} tokens, fp32, same process, "
+          f"{args.repeats} interleaved repeats")
+    print(f"CPU: {_machine.cpu_model()}; BLAS: {_machine.blas_kernel()}; torch {torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{load_before} before, {_machine.load()} after")
     print(f"max |logits diff| = {err:.2e}")
-    print(f"{'minisq (NumPy)':<18}{t_ours * 1e3:9.1f} ms")
-    print(f"{'transformers':<18}{t_torch * 1e3:9.1f} ms")
-    print(f"ratio minisq / torch = {t_ours / t_torch:.2f}x  (target <= 1.0)")
+    for name, label in (("minisq", "minisq (NumPy)"), ("torch", "transformers")):
+        print(f"{label:<18} best {min(t[name]) * 1e3:8.1f} ms   median {statistics.median(t[name]) * 1e3:8.1f} ms")
+    ratios = [a / b for a, b in zip(t["minisq"], t["torch"])]
+    print(f"ratio minisq / torch = {min(t['minisq']) / min(t['torch']):.2f}x best-to-best, "
+          f"{statistics.median(t['minisq']) / statistics.median(t['torch']):.2f}x median-to-median, "
+          f"pairwise {min(ratios):.2f}-{max(ratios):.2f}x  (target <= 1.0)")
 
 
 if __name__ == "__main__":

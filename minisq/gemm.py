@@ -19,8 +19,12 @@ Three ways to get the integer sum, kept side by side and tested against each oth
 
 * :func:`int8_gemm_loops` — Python's unbounded ints in a triple loop; tiny sizes only.
 * :func:`int8_gemm_reference` — ``int64 @ int64`` in the array library: exact, slow.
-* :func:`int8_gemm` / :func:`int8_bmm` — the fast paths: float32 BLAS over K-blocks on the
-  CPU (bit-exact, see :func:`_int8_matmul_cpu`), cuBLAS's int8 tensor-core GEMM on the GPU.
+* :func:`int8_gemm` / :func:`int8_bmm` — the fast paths: float32 BLAS in one call or over
+  K-blocks on the CPU (bit-exact, see :func:`_int8_matmul_cpu`), cuBLAS's int8 tensor-core
+  GEMM on the GPU (with the weight packed once: :class:`TNWeight`).
+
+:func:`int8_linear` is a whole layer's integer math, ``dequant_epilogue(int8_gemm(...))``
+bit for bit, in one step (the W8A8 layers call it).
 """
 
 from __future__ import annotations
@@ -121,11 +125,36 @@ def int8_bmm_reference(a_q, b_q):
 
 
 # ----------------------------------------------------------------------------------------
-# CPU fast path: float32 BLAS over K-blocks, bit-exact
+# CPU fast path: float32 BLAS (one call, or over K-blocks), bit-exact
+
+
+def _float32_sums(a, b):
+    """``a @ b`` in one float32 BLAS call, as float32 holding the exact integer sums, or
+    None when one call might round (then :func:`_int8_matmul_cpu` goes block by block).
+
+    Float32 holds every integer of magnitude <= 2^24. Every product |a·b| <= 128 · |a|, so
+    every partial sum BLAS can form for row i, in any order, has magnitude at most
+    ``128 · Σ_k |a[i, k]|``. When that bound is <= 2^24 for every row, every addition
+    (or fused multiply-add) is exact and one call over all of K is exact. K <= 1024 always
+    qualifies (1024 · 2^14 = 2^24); for longer K the row sums are checked on the data.
+    Quantized activations usually pass, since a per-token row has one entry at ±127 and
+    most far below (int8 codes of GELU(N(0, 1)) rows, K = 3072: at most 44% of the bound;
+    of N(0, 1) rows: 80%), which saves the blocks' extra BLAS calls and int32 adds;
+    adversarial rows (e.g. all ±127) take the blocks.
+    """
+    # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] float32 (exact integers) or None
+    a32 = a.astype(np.float32)
+    if a.shape[-1] > BLOCK_K:
+        # |a| <= 128 and K <= MAX_K keep these float32 row sums below 2^24: exact
+        row_l1 = np.abs(a32).sum(axis=-1)
+        if row_l1.size and float(row_l1.max()) * 128 > 2**24:
+            return None
+    return np.matmul(a32, b.astype(np.float32))
 
 
 def _int8_matmul_cpu(a, b):
-    """Exact int8 matmul through float32 BLAS (sgemm) over K-blocks of 1024.
+    """Exact int8 matmul through float32 BLAS (sgemm): one call when the data allows it
+    (:func:`_float32_sums`), else over K-blocks of 1024.
 
     NumPy's integer matmul has no BLAS behind it and is 100-200x slower than sgemm, so the
     integers are multiplied as float32 instead. This is exact, not approximate:
@@ -145,9 +174,16 @@ def _int8_matmul_cpu(a, b):
     on small shapes, and on VMs where page faults are expensive).
     """
     # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] int32  (same leading axes)
+    part = _float32_sums(a, b)
+    if part is not None:
+        return part.astype(np.int32)  # exact: part holds integers of magnitude <= 2^24
+    return _int8_matmul_cpu_blocked(a, b)
+
+
+def _int8_matmul_cpu_blocked(a, b):
+    """The K-blocked exact path (blocks of 1024, see :func:`_int8_matmul_cpu`)."""
+    # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] int32  (same leading axes)
     K, N = a.shape[-1], b.shape[-1]
-    if K <= BLOCK_K:  # a single block: the whole sum is exact in float32
-        return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.int32)
     a_blk = np.empty(a.shape[:-1] + (BLOCK_K,), dtype=np.float32)    # [..., M, 1024]
     b_blk = np.empty(b.shape[:-2] + (BLOCK_K, N), dtype=np.float32)  # [..., 1024, N]
     part = np.empty(a.shape[:-1] + (N,), dtype=np.float32)  # [..., M, N] one block's exact sums
@@ -248,18 +284,66 @@ def _int8_matmul_tn(a, b, run_tn):
 
     ``run_tn(plan, bt_p, a_p, c)`` must fill ``c`` as cuBLAS would (see :class:`TNPlan`):
     on the GPU it is :func:`_cublas_tn`; the tests pass a NumPy emulator of the BLAS
-    convention, so all of this operand shuffling is checked on the CPU too.
+    convention, so all of this operand shuffling is checked on the CPU too. ``b`` is
+    transposed and padded here, per call (no copy for the transposed view of a
+    C-contiguous ``[B, N, K]`` with K, N multiples of 4); :class:`TNWeight` does it once.
     """
     # [B, M, K] int8, [B, K, N] int8 -> [B, M, N] int32
     xp = get_array_module(a)
+    nb, K, N = b.shape
+    bt_p = _zero_pad(xp, xp.swapaxes(b, -1, -2), (nb, round_up(N, 4), round_up(K, 4)))  # [B, N4, K4]
+    return _int8_matmul_tn_packed(a, bt_p, N, run_tn)
+
+
+def _int8_matmul_tn_packed(a, bt_p, N: int, run_tn):
+    """``[B, M, K] @ B`` with B already packed as ``bt_p`` ``[B, N4, K4]`` (zero-padded Bᵀ)."""
+    # [B, M, K] int8, [B, N4, K4] int8 -> [B, M, N] int32
+    xp = get_array_module(a)
     nb, M, K = a.shape
-    N = b.shape[-1]
     plan = int8_gemm_plan(M, K, N, batch=nb)
+    assert bt_p.shape == (nb, plan.m, plan.k), (bt_p.shape, plan)
     a_p = _zero_pad(xp, a, (nb, M, plan.k))                               # [B, M, K4]
-    bt_p = _zero_pad(xp, xp.swapaxes(b, -1, -2), (nb, plan.m, plan.k))    # [B, N4, K4]
     c = xp.empty((nb, M, plan.m), dtype=xp.int32)                         # [B, M, N4]
     run_tn(plan, bt_p, a_p, c)
     return c if plan.m == N else xp.ascontiguousarray(c[..., :N])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TNWeight:
+    """An int8 weight ``[C_in, C_out] = [K, N]`` packed once in cuBLAS's TN layout.
+
+    ``tn`` is ``[N4, K4]`` int8, C-contiguous, 16-byte aligned and zero-padded: the
+    transposed weight (torch's Linear layout ``[C_out, C_in]``), K and N rounded up to
+    multiples of 4 (see :class:`TNPlan`). :func:`int8_gemm` hands it to cuBLAS as it is, so
+    a W8A8 layer on the GPU never transposes or pads its weight per call.
+    :meth:`view` is the ``[K, N]`` weight as a view of the same memory (no second copy).
+    """
+
+    tn: object      # [N4, K4] int8
+    shape: tuple    # (K, N): the logical weight [C_in, C_out]
+
+    def view(self):
+        # [N4, K4] int8 -> [K, N] int8 (a transposed view: no copy)
+        K, N = self.shape
+        return self.tn[:N, :K].T
+
+    @property
+    def dtype(self):
+        return self.tn.dtype
+
+
+def pack_weight_tn(w_q) -> TNWeight:
+    """Pack an int8 weight ``[K, N]`` into a :class:`TNWeight` (one transposed, padded copy)."""
+    # [K, N] int8 -> TNWeight [N4, K4] int8
+    if isinstance(w_q, TNWeight):
+        return w_q
+    xp = get_array_module(w_q)
+    if w_q.dtype != np.int8 or w_q.ndim != 2:
+        raise ShapeError(f"pack_weight_tn takes an int8 weight [K, N], got {tuple(w_q.shape)} {w_q.dtype}")
+    K, N = w_q.shape
+    tn = xp.zeros((round_up(N, 4), round_up(K, 4)), dtype=xp.int8)  # fresh: C-contiguous, aligned
+    tn[:N, :K] = w_q.T
+    return TNWeight(tn, (K, N))
 
 
 # cudaDataType_t values from CUDA's library_types.h (CuPy's runtime module lacks CUDA_R_32I),
@@ -306,20 +390,26 @@ def _cublas_tn(plan: TNPlan, bt_p, a_p, c) -> None:
 def _int8_matmul_gpu(a, b):
     """``[B, M, K] @ [B, K, N]`` int8 -> int32 on the GPU: cuBLAS int8 GEMM, exact.
 
-    Falls back (with a warning) to CuPy's integer matmul in int32 — also exact, but without
-    tensor cores — if cuBLAS refuses the call (e.g. CUBLAS_STATUS_NOT_SUPPORTED on a GPU
-    without int8 support).
+    ``b`` may be a :class:`TNWeight` (B = 1): then it goes to cuBLAS as packed. Falls back
+    (with a warning) to CuPy's integer matmul in int32 — also exact, but without tensor
+    cores — if cuBLAS refuses the call (e.g. CUBLAS_STATUS_NOT_SUPPORTED on a GPU without
+    int8 support).
     """
-    # [B, M, K] int8, [B, K, N] int8 -> [B, M, N] int32
+    # [B, M, K] int8, [B, K, N] int8 | TNWeight -> [B, M, N] int32
     xp = get_array_module(a)
+    packed = isinstance(b, TNWeight)
+    N = b.shape[1] if packed else b.shape[-1]
     if 0 in a.shape or 0 in b.shape:
-        return xp.zeros(a.shape[:-1] + (b.shape[-1],), dtype=xp.int32)
+        return xp.zeros(a.shape[:-1] + (N,), dtype=xp.int32)
     cublas = backend.cublas_module()
     try:
+        if packed:
+            return _int8_matmul_tn_packed(a, b.tn[None], N, _cublas_tn)
         return _int8_matmul_tn(a, b, _cublas_tn)
     except cublas.CUBLASError as e:
         warnings.warn(f"cuBLAS int8 GEMM refused ({e}); using CuPy's int32 matmul (exact, slower)",
                       RuntimeWarning, stacklevel=3)
+        b = b.view()[None] if packed else b
         return xp.matmul(a.astype(xp.int32), b.astype(xp.int32))
 
 
@@ -333,19 +423,22 @@ def int8_gemm(a_q, b_q):
     The integer core of a W8A8 linear layer (paper Sec. 2; Eq. 1 applied to X and W).
     ``a_q`` may carry leading axes (``[..., K]``, e.g. ``[B, T, C_in]``). NumPy arrays take
     the exact float32-BLAS path (:func:`_int8_matmul_cpu`), CuPy arrays cuBLAS's int8 GEMM
-    (:class:`TNPlan`). On the GPU, a weight kept as a C-contiguous ``[N, K]`` array (torch's
-    Linear layout) and passed as its transposed view ``w_t.T`` is used without a copy when
-    K and N are multiples of 4; any other ``[K, N]`` is transposed (and padded) per call.
-    Raises ShapeError for non-int8 inputs, mismatched K, or K > MAX_K.
+    (:class:`TNPlan`). ``b_q`` is an int8 ``[K, N]`` array or a :class:`TNWeight` (packed
+    once, as W8A8 layers on the GPU keep their weights). On the GPU, a plain ``[K, N]`` is
+    transposed and padded per call, except the transposed view ``w_t.T`` of a C-contiguous
+    ``[N, K]`` with K and N multiples of 4. Raises ShapeError for non-int8 inputs,
+    mismatched K, or K > MAX_K.
     """
-    # [..., K] int8, [K, N] int8 -> [..., N] int32
-    xp = _check_operands(a_q, b_q, "int8_gemm", batched=False)
-    lead, K, N = a_q.shape[:-1], a_q.shape[-1], b_q.shape[1]
+    # [..., K] int8, [K, N] int8 | TNWeight -> [..., N] int32
+    packed = b_q if isinstance(b_q, TNWeight) else None
+    b_view = b_q.view() if packed is not None else b_q
+    xp = _check_operands(a_q, b_view, "int8_gemm", batched=False)
+    lead, K, N = a_q.shape[:-1], a_q.shape[-1], b_view.shape[1]
     a2 = a_q.reshape(math.prod(lead), K)  # [M, K]
     if xp is np:
-        c = _int8_matmul_cpu(a2, b_q)
+        c = _int8_matmul_cpu(a2, b_view)
     else:
-        c = _int8_matmul_gpu(a2[None], b_q[None])[0]
+        c = _int8_matmul_gpu(a2[None], packed if packed is not None else b_view[None])[0]
     return c.reshape(lead + (N,))
 
 
@@ -368,35 +461,46 @@ def int8_bmm(a_q, b_q):
 # the epilogue: back to floats
 
 
-def _epilogue_operands(xp, acc, row_scale, col_scale, bias, dtype):
-    """Validate the epilogue's shapes; return the scales and bias as arrays of ``dtype``."""
-    if acc.dtype.kind not in "iu":
-        raise ShapeError(f"acc has dtype {acc.dtype}: the epilogue takes the integer GEMM result")
-    if acc.ndim < 2:
-        raise ShapeError(f"acc has shape {acc.shape}: the epilogue takes [..., M, N]")
-    N = acc.shape[-1]
+# out_dtype -> the dtype the epilogue computes in: float16 results are computed in float32
+# and rounded once at the end (float16 has too little range for acc · Δx · Δw on the way).
+EPILOGUE_COMPUTE = {np.dtype(np.float16): np.dtype(np.float32),
+                    np.dtype(np.float32): np.dtype(np.float32),
+                    np.dtype(np.float64): np.dtype(np.float64)}
+
+
+def _epilogue_dtypes(out_dtype):
+    dtype = np.dtype(out_dtype)
+    if dtype not in EPILOGUE_COMPUTE:
+        raise ConfigError(f"out_dtype {dtype} is not supported: use float16, float32 or float64")
+    return dtype, EPILOGUE_COMPUTE[dtype]
+
+
+def _epilogue_operands(xp, shape, row_scale, col_scale, bias, dtype):
+    """Validate the epilogue's shapes (acc is ``shape``); return the scales and bias as
+    arrays of ``dtype``."""
+    N = shape[-1]
     r = xp.asarray(row_scale, dtype=dtype)
     c = xp.asarray(col_scale, dtype=dtype)
-    per_token = acc.shape[:-1] + (1,)
-    if r.size == 1 and r.ndim <= acc.ndim:
+    per_token = shape[:-1] + (1,)
+    if r.size == 1 and r.ndim <= len(shape):
         r = r.reshape(())
     elif r.shape != per_token:
         raise ShapeError(
-            f"row_scale has shape {r.shape}: for acc {acc.shape} it must be a scalar "
+            f"row_scale has shape {r.shape}: for acc {shape} it must be a scalar "
             f"(per-tensor) or {per_token} (per-token)"
         )
     if c.size == 1 and c.ndim <= 2:
         c = c.reshape(())
     elif c.shape not in ((N,), (1, N)):
         raise ShapeError(
-            f"col_scale has shape {c.shape}: for acc {acc.shape} it must be a scalar "
+            f"col_scale has shape {c.shape}: for acc {shape} it must be a scalar "
             f"(per-tensor) or ({N},) / (1, {N}) (per-channel)"
         )
     b = None
     if bias is not None:
         b = xp.asarray(bias, dtype=dtype)
         if b.shape != (N,):
-            raise ShapeError(f"bias has shape {b.shape}: for acc {acc.shape} it must be ({N},)")
+            raise ShapeError(f"bias has shape {b.shape}: for acc {shape} it must be ({N},)")
     return r, c, b
 
 
@@ -405,7 +509,9 @@ def dequant_epilogue(acc, row_scale, col_scale, bias=None, out_dtype=np.float32)
 
     ``row_scale`` is the activation scale, per-token ``[..., M, 1]`` or per-tensor (a
     scalar); ``col_scale`` the weight scale, per-channel ``[N]``/``[1, N]`` or per-tensor;
-    ``bias`` ``[N]`` or None. Everything is computed in ``out_dtype`` (float32 or float64).
+    ``bias`` ``[N]`` or None. Everything is computed in ``out_dtype`` (float32 or float64);
+    ``out_dtype=float16`` computes in float32 and rounds the result once to float16 (the
+    GPU's float16 activations).
 
     **Association order: the combined scale first, ``acc * (row_scale * col_scale)``**,
     then ``+ bias`` — the grouping of ``Y = diag(Δx) (X̄ W̄) diag(Δw)``, and one scalar for
@@ -421,27 +527,69 @@ def dequant_epilogue(acc, row_scale, col_scale, bias=None, out_dtype=np.float32)
       ``(γ_K + γ_2) · Δx Δw · (|X̄| @ |W̄|)`` with ``γ_n = n u / (1 - n u)`` (tests check
       both); in float32 the epilogue itself is within 3 roundings of the exact value;
     * the GPU kernel performs the same three IEEE operations in the same order with
-      round-to-nearest intrinsics (no fused multiply-add), so GPU == CPU bit for bit.
+      round-to-nearest intrinsics (no fused multiply-add), and rounds to float16 the same
+      way (to nearest, ties to even), so GPU == CPU bit for bit.
 
     Scales are not checked for positivity here (the quantizers did that).
     """
     # [..., M, N] int32, [..., M, 1] | [], [N] | [1, N] | [], [N] -> [..., M, N] float
     xp = get_array_module(acc)
-    dtype = np.dtype(out_dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ConfigError(f"out_dtype {dtype} is not supported: use float32 or float64")
-    r, c, b = _epilogue_operands(xp, acc, row_scale, col_scale, bias, dtype)
+    dtype, compute = _epilogue_dtypes(out_dtype)
+    if acc.dtype.kind not in "iu":
+        raise ShapeError(f"acc has dtype {acc.dtype}: the epilogue takes the integer GEMM result")
+    if acc.ndim < 2:
+        raise ShapeError(f"acc has shape {acc.shape}: the epilogue takes [..., M, N]")
+    r, c, b = _epilogue_operands(xp, acc.shape, row_scale, col_scale, bias, compute)
     if xp is not np:
-        return _epilogue_gpu(acc, r, c, b)
-    y = acc.astype(dtype) * (r * c)  # [..., M, N] * ([..., M, 1] * [1, N]); a fresh array
+        return _epilogue_gpu(acc, r, c, b, dtype)
+    return _epilogue_cpu(acc.astype(compute), r, c, b, dtype)  # astype: a fresh array
+
+
+def _epilogue_cpu(y, r, c, b, dtype):
+    """The epilogue's arithmetic on ``y``, the GEMM's exact sums already converted to the
+    compute dtype in a fresh array that is overwritten (one pass per operation, no temporaries
+    of y's size but ``r * c`` for per-token x per-channel)."""
+    # [..., M, N] float (exact integers), scales, bias -> [..., M, N] dtype
+    y *= r * c  # [..., M, N] * ([..., M, 1] * [1, N])
     if b is not None:
         y += b
-    return y
+    return y if y.dtype == dtype else y.astype(dtype)
+
+
+def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32):
+    """A whole W8A8 linear layer's integer math: ``dequant_epilogue(int8_gemm(a_q, b_q), ...)``,
+    bit for bit the same result, in one step.
+
+    On the CPU this skips a round trip: when one float32 BLAS call is exact
+    (:func:`_float32_sums`), its float32 result already holds the int32 accumulator's exact
+    values, and the epilogue scales it in place instead of converting it to int32 and back
+    (two passes over the output and a fresh array saved). On the GPU it is exactly the two
+    calls (cuBLAS int8 GEMM, then the fused epilogue kernel).
+    """
+    # [..., K] int8, [K, N] int8 | TNWeight, [..., 1] | [], [N] | [1, N] | [], [N] -> [..., N] float
+    xp = get_array_module(a_q)
+    if xp is not np:
+        return dequant_epilogue(int8_gemm(a_q, b_q), row_scale, col_scale, bias, out_dtype)
+    b_view = b_q.view() if isinstance(b_q, TNWeight) else b_q
+    _check_operands(a_q, b_view, "int8_linear", batched=False)
+    dtype, compute = _epilogue_dtypes(out_dtype)
+    lead, K, N = a_q.shape[:-1], a_q.shape[-1], b_view.shape[1]
+    if len(lead) == 0:  # a single row [K]: the epilogue takes [..., M, N]
+        return int8_linear(a_q[None], b_q, row_scale, col_scale, bias, out_dtype)[0]
+    r, c, b = _epilogue_operands(np, lead + (N,), row_scale, col_scale, bias, compute)
+    a2 = a_q.reshape(math.prod(lead), K)                        # [M, K]
+    sums = _float32_sums(a2, b_view)                            # [M, N] float32 or None
+    if sums is None:
+        sums = _int8_matmul_cpu_blocked(a2, b_view)             # [M, N] int32
+    y = sums.astype(compute, copy=False).reshape(lead + (N,))   # ours to overwrite
+    return _epilogue_cpu(y, r, c, b, dtype)
 
 
 # The GPU epilogue: one fused elementwise kernel. __fmul_rn/__fadd_rn (and the double
 # versions) are IEEE round-to-nearest operations that the compiler may not contract into
 # a fused multiply-add, which would round once instead of twice and differ from NumPy.
+# For float16 output the kernel computes in float32 and converts with CuPy's float16
+# constructor (__float2half_rn: to nearest, ties to even, as NumPy's astype).
 _EPILOGUE_PREAMBLE = r"""
 __device__ __forceinline__ float  mul_rn(float a, float b)   { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
@@ -449,23 +597,31 @@ __device__ __forceinline__ float  add_rn(float a, float b)   { return __fadd_rn(
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 """
 
-
-@functools.lru_cache(maxsize=2)
-def _epilogue_kernel(with_bias: bool):
-    cp = backend.cupy()
-    if with_bias:
-        return cp.ElementwiseKernel(
-            "I acc, T row_scale, T col_scale, T bias", "T y",
-            "y = add_rn(mul_rn((T)acc, mul_rn(row_scale, col_scale)), bias)",
-            "minisq_dequant_epilogue_bias", preamble=_EPILOGUE_PREAMBLE)
-    return cp.ElementwiseKernel(
-        "I acc, T row_scale, T col_scale", "T y",
-        "y = mul_rn((T)acc, mul_rn(row_scale, col_scale))",
-        "minisq_dequant_epilogue", preamble=_EPILOGUE_PREAMBLE)
+# (with bias, float16 output) -> (params, operation): T is the compute dtype, Y the output's
+_EPILOGUE_KERNELS = {
+    (False, False): ("I acc, T row_scale, T col_scale", "T y",
+                     "y = mul_rn((T)acc, mul_rn(row_scale, col_scale))"),
+    (True, False): ("I acc, T row_scale, T col_scale, T bias", "T y",
+                    "y = add_rn(mul_rn((T)acc, mul_rn(row_scale, col_scale)), bias)"),
+    (False, True): ("I acc, T row_scale, T col_scale", "Y y",
+                    "y = (Y)mul_rn((T)acc, mul_rn(row_scale, col_scale))"),
+    (True, True): ("I acc, T row_scale, T col_scale, T bias", "Y y",
+                   "y = (Y)add_rn(mul_rn((T)acc, mul_rn(row_scale, col_scale)), bias)"),
+}
 
 
-def _epilogue_gpu(acc, r, c, b):
-    # [..., M, N] int, [..., M, 1] | [], [N] | [1, N] | [], [N] | None -> [..., M, N] float
-    if b is None:
-        return _epilogue_kernel(False)(acc, r, c)
-    return _epilogue_kernel(True)(acc, r, c, b)
+@functools.lru_cache(maxsize=4)
+def _epilogue_kernel(with_bias: bool, half_out: bool):
+    params, out, op = _EPILOGUE_KERNELS[with_bias, half_out]
+    name = "minisq_dequant_epilogue" + ("_bias" if with_bias else "") + ("_f16" if half_out else "")
+    return backend.cupy().ElementwiseKernel(params, out, op, name, preamble=_EPILOGUE_PREAMBLE)
+
+
+def _epilogue_gpu(acc, r, c, b, dtype):
+    # [..., M, N] int, [..., M, 1] | [], [N] | [1, N] | [], [N] | None -> [..., M, N] dtype
+    half_out = dtype == np.float16
+    kernel = _epilogue_kernel(b is not None, half_out)
+    args = (acc, r, c) if b is None else (acc, r, c, b)
+    if half_out:  # the output array fixes Y = float16 (it cannot be inferred from the inputs)
+        return kernel(*args, backend.cupy().empty(acc.shape, dtype=np.float16))
+    return kernel(*args)

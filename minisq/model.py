@@ -233,7 +233,7 @@ class Model:
 
     def check_logits(self, logits) -> None:
         """Raise NonFiniteError for NaN/inf logits."""
-        if not bool(self.xp.isfinite(logits).all()):
+        if not nn.all_finite(logits):
             raise NonFiniteError(
                 f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
                 "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "

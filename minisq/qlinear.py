@@ -61,10 +61,10 @@ import fnmatch
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
-from .gemm import dequant_epilogue, int8_bmm, int8_gemm
+from .gemm import dequant_epilogue, int8_bmm, int8_linear, pack_weight_tn
 from .nn import Linear
 from .storage import materialize
 from .quant import (
@@ -94,7 +94,9 @@ class W8A8Linear:
     ``w_q`` int8 ``[C_in, C_out]``; ``w_scale`` ``[1, C_out]`` (per-channel) or 0-d
     (per-tensor); ``b`` float ``[C_out]`` or None; ``x_scale`` the static activation scale
     (0-d) for ``acts="static"``, else None. ``acts="per_channel"`` exists in ``path="fake"``
-    only (:func:`quantize_linear` refuses it on the integer path).
+    only (:func:`quantize_linear` refuses it on the integer path). On the GPU the weight is
+    packed once in cuBLAS's layout (``w_packed``, a :class:`~minisq.gemm.TNWeight`) and
+    ``w_q`` is a ``[C_in, C_out]`` view of it: one int8 copy, never transposed per call.
     """
 
     w_q: object
@@ -103,6 +105,15 @@ class W8A8Linear:
     acts: str = "per_token"
     x_scale: object = None
     path: str = "int"
+    w_packed: object = dataclasses.field(default=None, repr=False)  # set by __post_init__
+
+    def __post_init__(self):
+        # derived from w_q every time (a stale packing can never survive a replace); frozen,
+        # hence object.__setattr__
+        packed = pack_weight_tn(self.w_q) if is_gpu_array(self.w_q) else None
+        object.__setattr__(self, "w_packed", packed)
+        if packed is not None:
+            object.__setattr__(self, "w_q", packed.view())
 
     @property
     def in_features(self) -> int:
@@ -148,8 +159,8 @@ class W8A8Linear:
             if x_s.ndim > 0:                                         # per token / per sequence
                 xp = get_array_module(x_s)
                 x_s = xp.broadcast_to(x_s, lead + (1,)).reshape(-1, 1)   # [N, 1]
-            acc = int8_gemm(x_q, self.w_q)                            # [N, C_out] int32
-            y = dequant_epilogue(acc, x_s, w_s, self.b, out_dtype=x.dtype)
+            w = self.w_q if self.w_packed is None else self.w_packed
+            y = int8_linear(x_q, w, x_s, w_s, self.b, out_dtype=x.dtype)   # int32 sums inside
         else:
             x_hat = dequantize(x_q, x_s).reshape(-1, self.in_features)   # [N, C_in] float
             y = x_hat @ dequantize(self.w_q, w_s)                    # [N, C_out] float

@@ -35,8 +35,11 @@ Conventions here, the same for every function:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from . import backend
 from .backend import get_array_module
 from .errors import ConfigError, DeviceError, InputError, ShapeError
 
@@ -62,6 +65,7 @@ def _float_input(x, name: str = "x"):
 
 
 def _check_finite(xp, x, name: str = "x") -> None:
+    """Raise InputError when x holds NaN/inf (counting them for the message)."""
     bad = int(xp.count_nonzero(~xp.isfinite(x)))
     if bad:
         raise InputError(
@@ -117,10 +121,35 @@ def dynamic_scale(xp, absmax):
     return xp.where(s < xp.finfo(s.dtype).tiny, xp.ones_like(s), s)
 
 
-def _quantize(xp, x, scale):
-    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x."""
+def _absmax_checked(xp, x, name: str = "x", axis=None):
+    """``max|x|`` over ``axis`` (keepdims), raising InputError when x holds NaN/inf.
+
+    Computed as ``max(max(x), -min(x))``: two reductions and no temporary of x's size (as
+    ``abs(x)`` would make). NaN propagates through max and min and an infinity shows up in
+    one of them, so a non-finite value anywhere makes its group's absmax non-finite: the
+    finiteness check costs a look at the (small) result instead of a pass over x.
+    """
+    # [...] float -> reduced float (keepdims)
+    m = xp.maximum(xp.max(x, axis=axis, keepdims=True), -xp.min(x, axis=axis, keepdims=True))
+    if not bool(xp.isfinite(m).all()):
+        _check_finite(xp, x, name)  # raises, with the count of bad values
+    return m
+
+
+def _quantize(xp, x, scale, dynamic: bool = False):
+    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x.
+
+    ``dynamic=True`` (the scale is this very group's ``dynamic_scale``) skips the clip,
+    which cannot change anything then: s = fl(max|x| / 127) >= (max|x| / 127)(1 - u), so
+    |x / s| <= 127 (1 + u) / (1 - u) < 127.5 and rint gives at most 127; where the zero-range
+    guard set s = 1, |x| < 127 · tiny and rint gives 0. (Tested against the clipped form.)
+    """
     # [...] float, broadcastable float -> [...] int8
-    return xp.clip(xp.rint(x / scale), -QMAX, QMAX).astype(xp.int8)
+    t = x / scale                 # one fresh temporary, rounded (and clipped) in place
+    xp.rint(t, out=t)             # round half to even
+    if not dynamic:
+        xp.clip(t, -QMAX, QMAX, out=t)
+    return t.astype(xp.int8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,12 +167,12 @@ def quantize_per_tensor(x, scale=None):
     xp, x = _float_input(x)
     if x.size == 0:
         raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
-    _check_finite(xp, x)
     if scale is None:
-        s = dynamic_scale(xp, xp.asarray(xp.max(xp.abs(x))))
+        s = dynamic_scale(xp, _absmax_checked(xp, x).reshape(()))
     else:
+        _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, (), also=((1,), (1, 1)))
-    return _quantize(xp, x, s), xp.asarray(s)
+    return _quantize(xp, x, s, dynamic=scale is None), xp.asarray(s)
 
 
 def quantize_per_token(x, scale=None):
@@ -155,15 +184,18 @@ def quantize_per_token(x, scale=None):
     ``[..., 1]`` (or ``[...]``) array.
     """
     # [..., C] float -> [..., C] int8, [..., 1] float
+    xp = get_array_module(x)
+    if xp is not np and scale is None and getattr(x, "dtype", None) in FUSED_DTYPES:
+        return _quantize_per_token_gpu(x)  # the same arithmetic, one fused kernel
     xp, x = _float_input(x)
     if x.ndim == 0 or x.shape[-1] == 0:
         raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
-    _check_finite(xp, x)
     if scale is None:
-        s = dynamic_scale(xp, xp.max(xp.abs(x), axis=-1, keepdims=True))
+        s = dynamic_scale(xp, _absmax_checked(xp, x, axis=-1))
     else:
+        _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
-    return _quantize(xp, x, s), s
+    return _quantize(xp, x, s, dynamic=scale is None), s
 
 
 def quantize_per_sequence(x, mask=None):
@@ -237,12 +269,12 @@ def quantize_per_channel(w, scale=None):
             f"w has shape {w.shape}: per-channel quantization takes a non-empty 2-D weight "
             f"[C_in, C_out] (stored so that y = x @ w)"
         )
-    _check_finite(xp, w, "w")
     if scale is None:
-        s = dynamic_scale(xp, xp.max(xp.abs(w), axis=0, keepdims=True))
+        s = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=0))
     else:
+        _check_finite(xp, w, "w")
         s = _static_scale(xp, scale, w.dtype, (1, w.shape[1]), also=((w.shape[1],),))
-    return _quantize(xp, w, s), s
+    return _quantize(xp, w, s, dynamic=scale is None), s
 
 
 def dequantize(q, scale, dtype=None):
@@ -291,3 +323,101 @@ def fake_quantize(x, granularity: str = "per_tensor", scale=None):
     if granularity not in QUANTIZERS:
         raise ConfigError(f"unknown granularity {granularity!r}: use one of {sorted(QUANTIZERS)}")
     return dequantize(*QUANTIZERS[granularity](x, scale))
+
+
+# ----------------------------------------------------------------------------------------
+# the GPU's per-token quantizer: one fused kernel, the same arithmetic as above
+
+# One thread block per token (row): the threads stride over the row taking max |x|
+# (NaN-propagating, like np.max), reduce it in shared memory, compute the scale with the
+# zero-range guard, then quantize the row they just read (now in cache) and write int8.
+# Every step is the IEEE operation NumPy performs: division rounded to nearest
+# (__fdiv_rn / __ddiv_rn, which fast-math could not replace), rint = round half to even,
+# clip to ±127, and the exact cast of an integral value to int8. float16 input is widened
+# to float32 exactly (cvt.f32.f16), as _float_input does. So the GPU's q and scale equal
+# NumPy's bit for bit (tests/test_fast_paths.py holds an emulator of these steps against
+# quantize_per_token on the CPU, and compiles this source with NVRTC where it can).
+QUANTIZE_ROWS_THREADS = 256
+QUANTIZE_ROWS_SOURCE = r"""
+#define QMAX 127
+#define THREADS 256
+
+__device__ __forceinline__ float  widen(float v)  { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float  widen(unsigned short h) {   // float16 bits -> float32, exact
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ float  div_rn(float a, float b)   { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float  smallest_normal(float)  { return 1.17549435e-38f; }
+__device__ __forceinline__ double smallest_normal(double) { return 2.2250738585072014e-308; }
+// max that keeps a NaN from either side (fmax would drop it)
+template <typename F> __device__ __forceinline__ F nan_max(F a, F b) { return (a != a || a > b) ? a : b; }
+
+// x [T, C] (In) -> q [T, C] int8, scale [T] (F); one block of THREADS threads per row
+template <typename In, typename F>
+__device__ void quantize_rows(const In* x, signed char* q, F* scale, long long C) {
+    __shared__ F partial[THREADS];
+    const long long row = blockIdx.x;
+    const In* xr = x + row * C;
+    signed char* qr = q + row * C;
+    F m = 0;
+    for (long long k = threadIdx.x; k < C; k += THREADS) m = nan_max(m, fabs(widen(xr[k])));
+    partial[threadIdx.x] = m;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] = nan_max(partial[threadIdx.x], partial[threadIdx.x + half]);
+        __syncthreads();
+    }
+    F s = div_rn(partial[0], (F)QMAX);            // dynamic_scale: max|x| / 127 ...
+    if (s < smallest_normal(s)) s = (F)1;          // ... with the zero-range guard (NaN stays NaN)
+    if (threadIdx.x == 0) scale[row] = s;
+    for (long long k = threadIdx.x; k < C; k += THREADS) {
+        F v = rint(div_rn(widen(xr[k]), s));      // round half to even
+        v = fmin(fmax(v, (F)-QMAX), (F)QMAX);     // clip
+        qr[k] = (signed char)v;
+    }
+}
+
+extern "C" __global__ void minisq_quantize_rows_f32(const float* x, signed char* q, float* scale, long long C) {
+    quantize_rows<float, float>(x, q, scale, C);
+}
+extern "C" __global__ void minisq_quantize_rows_f64(const double* x, signed char* q, double* scale, long long C) {
+    quantize_rows<double, double>(x, q, scale, C);
+}
+extern "C" __global__ void minisq_quantize_rows_f16(const unsigned short* x, signed char* q, float* scale, long long C) {
+    quantize_rows<unsigned short, float>(x, q, scale, C);
+}
+"""
+# x's dtype -> (kernel name, scale dtype)
+FUSED_DTYPES = {
+    np.dtype(np.float32): ("minisq_quantize_rows_f32", np.float32),
+    np.dtype(np.float64): ("minisq_quantize_rows_f64", np.float64),
+    np.dtype(np.float16): ("minisq_quantize_rows_f16", np.float32),  # float16 bits, computed in float32
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _quantize_rows_module():
+    """The compiled :data:`QUANTIZE_ROWS_SOURCE` (NVRTC, once per process)."""
+    return backend.cupy().RawModule(code=QUANTIZE_ROWS_SOURCE, options=("--std=c++14",))
+
+
+def _quantize_per_token_gpu(x):
+    """:func:`quantize_per_token` with a dynamic scale on a CuPy array: one kernel launch."""
+    # [..., C] float16/32/64 (CuPy) -> [..., C] int8, [..., 1] float32/64
+    cp = backend.cupy()
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
+    name, scale_dtype = FUSED_DTYPES[x.dtype]
+    C = x.shape[-1]
+    T = x.size // C
+    x2 = cp.ascontiguousarray(x).reshape(T, C)
+    q = cp.empty((T, C), dtype=cp.int8)
+    s = cp.empty((T,), dtype=scale_dtype)
+    if T:
+        src = x2.view(cp.uint16) if x.dtype == np.float16 else x2
+        _quantize_rows_module().get_function(name)((T,), (QUANTIZE_ROWS_THREADS,), (src, q, s, np.int64(C)))
+    if not bool(cp.isfinite(s).all()):  # a NaN/inf in a row makes its scale NaN/inf
+        _check_finite(cp, x)
+    return q.reshape(x.shape), s.reshape(x.shape[:-1] + (1,))

@@ -236,6 +236,10 @@ fast. float32 holds every integer up to $2^{24}$ exactly, and an int8 product is
 $128^2 = 2^{14}$, so **any sum of at most $2^{24} / 2^{14} = 1024$ products is exact in
 float32, in whatever order BLAS adds it**. `minisq.int8_gemm` cuts $K$ into blocks of
 `BLOCK_K = 1024`, runs float32 BLAS per block and adds the block results in int32.
+(The same argument per row: when $128 \cdot \sum_k |a_{ik}| \le 2^{24}$ for every row, no
+partial sum can pass $2^{24}$ and one float32 call over all of $K$ is exact. Quantized
+activations usually pass this check, and `int8_gemm` then skips the blocks; the
+all-127 rows below do not.)
 
 Naive float32 over the whole $K$ is not exact. A guaranteed counter-example: 2000 products
 of $127 \cdot 127$ plus one $1 \cdot 1$ sum to $32\,258\,001$, an odd number above $2^{24}$;

@@ -79,6 +79,7 @@ def make_checkpoint(tmp_path_factory):
     cache: dict = {}
 
     def make(family: str, seed: int = 0, save_kwargs: dict | None = None, **overrides):
+        pytest.importorskip("transformers", reason="the test oracle (pip install -e '.[test]')")
         key = (family, seed, repr(sorted((save_kwargs or {}).items())), repr(sorted(overrides.items())))
         if key not in cache:
             model = hf_model(family, seed, **overrides)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError:  # a GPU machine running only pytest -m gpu: the property tests skip
+    from _no_hypothesis import given, hnp, settings, st
 
 from minisq import backend
 from minisq.errors import ConfigError, DeviceError, InputError, ShapeError

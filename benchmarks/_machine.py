@@ -1,0 +1,53 @@
+"""What a CPU benchmark is running on: the CPU model, the BLAS library and its kernel, the load."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        return f"{name} ({os.cpu_count()} cores, {simd})"
+    except (OSError, StopIteration):
+        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def blas_kernel() -> str:
+    """NumPy's BLAS and the kernel OpenBLAS picked at run time (its 'core name'), e.g.
+    'OpenBLAS 0.3.31 kernel Haswell'; the environment overrides are named when set."""
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                      "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+                    if k in os.environ) or "no OPENBLAS_* overrides"
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+                config = getattr(lib, f"{prefix}_get_config{suffix}", None)
+                if core is not None and config is not None:
+                    core.restype = config.restype = ctypes.c_char_p
+                    version = config().decode().split()[1]
+                    return f"OpenBLAS {version}, kernel {core().decode()} ({env})"
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')} ({env})"
+    except Exception:  # noqa: BLE001  (older NumPy)
+        return f"unknown BLAS ({env})"
+
+
+def load() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"

@@ -1,0 +1,90 @@
+"""The W8A8 integer path against the float forward on the CPU, same process, same model.
+
+A SYNTHETIC random-weight model of GPT-2 small's shapes (speed, not quality), one forward
+of 1 x 512 tokens (fp32): the float model and ``minisq.quantize(model, "O1")`` (per-tensor
+int8 weights, per-token dynamic int8 activations, path="int": every linear but lm_head runs
+the exact INT8 GEMM and the epilogue). Checks first: the integer path equals the fake-quant
+path on every linear of the first block to float32 rounding, and the quantized model keeps
+no float32 copy of its int8 weights. Then the two forwards take turns ``--repeats`` times
+and the ratio int / float is printed (target <= 1.15) with the CPU model, NumPy's BLAS
+kernel and the load average. ``--profile`` adds where the integer path's time goes.
+
+    python benchmarks/w8a8_cpu.py [--tokens 512] [--repeats 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _machine  # noqa: E402
+from forward import interleaved  # noqa: E402
+
+
+def check(model, qmodel, ids) -> None:
+    """int path == fake path (one layer at a time) and no float32 weight copies."""
+    import minisq
+    from minisq.qlinear import W8A8Linear
+
+    leaves = qmodel.linears()
+    x = np.random.default_rng(1).standard_normal((ids.shape[1], 768)).astype(np.float32)
+    for name in ("h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
+        leaf = leaves[name]
+        xin = x if leaf.in_features == 768 else np.abs(np.repeat(x, 4, axis=1))  # fc2 sees 3072 wide
+        y_int = leaf(xin)
+        y_fake = dataclasses.replace(leaf, path="fake")(xin)
+        assert y_int.dtype == np.float32
+        np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5 * float(np.abs(y_fake).max()))
+    for leaf in leaves.values():
+        if isinstance(leaf, W8A8Linear):
+            assert leaf.w_q.dtype == np.int8 and leaf.w_packed is None  # the int8 weight only
+    mem = minisq.weight_memory(qmodel)
+    print(f"check: int path == fake path on h.0's four linears (float32 rounding); stored linear "
+          f"weights {mem['stored_bytes'] / 2**20:.0f} MiB vs {mem['float32_bytes'] / 2**20:.0f} MiB "
+          f"in float32 ({mem['quantized_layers']} int8 layers; lm_head float)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+
+    import minisq
+
+    model = minisq.synthetic_model()       # GPT-2 small shapes, SYNTHETIC random weights
+    qmodel = minisq.quantize(model, "O1")  # path="int"
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, args.tokens))
+    check(model, qmodel, ids)
+
+    load_before = _machine.load()
+    t = interleaved({"float": lambda: model(ids), "int": lambda: qmodel(ids)}, args.repeats)
+    print(f"SYNTHETIC GPT-2-small-shaped model, 1 x {args.tokens} tokens, fp32, same process, "
+          f"{args.repeats} interleaved repeats; W8A8 = quantize(model, 'O1'), path='int'")
+    print(f"CPU: {_machine.cpu_model()}; BLAS: {_machine.blas_kernel()}")
+    print(f"{load_before} before, {_machine.load()} after")
+    for name, label in (("float", "float32 forward"), ("int", "W8A8 O1 integer")):
+        print(f"{label:<18} best {min(t[name]) * 1e3:8.1f} ms   median {statistics.median(t[name]) * 1e3:8.1f} ms")
+    ratios = [a / b for a, b in zip(t["int"], t["float"])]
+    print(f"ratio int / float = {min(t['int']) / min(t['float']):.3f}x best-to-best, "
+          f"{statistics.median(t['int']) / statistics.median(t['float']):.3f}x median-to-median, "
+          f"pairwise {min(ratios):.2f}-{max(ratios):.2f}x  (target <= 1.15)")
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(qmodel, ids)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+if __name__ == "__main__":
+    main()
