@@ -343,7 +343,7 @@ def make_figures(args, model, smoothed, stats, s_stats, eval_ids, seq_len, out: 
     qkv = model.family.QKV_OUTPUTS[0][0].format(i=layer)          # the leaf that gives q
     files = []
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    say(f"figures: activations, channel ranges, per-layer SQNR"
+    say("figures: activations, channel ranges, per-layer SQNR"
         + (f", α sweep ({len(alphas)} smoothed W8A8 models on {len(eval_ids)} eval tokens)" if alphas else ""))
     plots.activation_surfaces(stats.samples[qkv][:64], s_stats.samples[qkv][:64],
                               model.linears()[qkv].w, smoothed.linears()[qkv].w,

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError

@@ -64,7 +64,7 @@ import numpy as np
 from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
-from .gemm import dequant_epilogue, int8_bmm, int8_linear, pack_weight_tn
+from .gemm import int8_bmm, int8_linear, pack_weight_tn
 from .nn import Linear
 from .storage import materialize
 from .quant import (
