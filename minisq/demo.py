@@ -67,13 +67,19 @@ The table's columns:
                first eval window: how far each variant is from the float model (0 = same)
   LAMBADA      last-word accuracy (real models only)
   weights MiB  bytes the weights are stored in / 2^20 (int8 weights + scales; lm_head stays float)
+  KV B/tok     bytes the KV cache holds per token of one sequence
   time s       seconds to evaluate the variant
+
+Big models: when the float32 weights would not fit in the available memory (or with --lazy)
+the model is loaded memory-mapped, the float rows run layer by layer, and each SmoothQuant
+variant is written layer by layer (minisq.quantize_checkpoint), loaded as int8 and removed.
 
 Examples:
   python -m minisq.demo                              # GPT-2 small (downloads ~500 MB once)
   python -m minisq.demo --model facebook/opt-125m --alpha 0.5
   python -m minisq.demo --model synthetic --quick    # offline (see README.md for measured times)
   python -m minisq.demo --model ./my-gpt2-folder --device gpu
+  python -m minisq.demo --model facebook/opt-6.7b    # bigger than memory: streamed, layer by layer
 """
 
 
@@ -102,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None,
                     help="folder with wikitext-2-raw/ and lambada/ (default $MINISQ_DATA_DIR, else download)")
     ap.add_argument("--quick", action="store_true", help="a small, fast run (smaller synthetic model, fewer tokens)")
+    ap.add_argument("--lazy", action="store_true",
+                    help="load the model memory-mapped and run the streamed path (automatic when its float32 "
+                         "weights would not fit in the available memory; see 'Big models' above)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the synthetic model and sampling")
     args = ap.parse_args(argv)
     defaults = dict(calib_samples=(8, 64), eval_tokens=(512, 4096), lambada_samples=(16, 100))
@@ -131,6 +140,8 @@ def load_model(args):
     name = args.model or DEFAULT_MODEL
     if name != "synthetic":
         try:
+            if args.lazy or _too_big(name):
+                return load(name, lazy=True), None
             return load(name, device=args.device), None
         except MinisqError as exc:
             if args.model is not None:  # the user named this model: do not silently swap it
@@ -142,6 +153,20 @@ def load_model(args):
     model = synthetic_model(cfg, outlier_scale=60.0, n_outliers=6, seed=args.seed,
                             tokenizer=packaged_gpt2_tokenizer())   # GPT-2's vocabulary: decodes offline
     return model.to(args.device), note
+
+
+def _too_big(name: str) -> bool:
+    """Whether the float32 model, a smoothed copy and one W8A8 variant (2.5x the float32
+    weights) would not fit in the available memory; says so when it loads lazily."""
+    from .hub import resolve_model_dir
+    from .reproduce import available_memory, float32_bytes
+
+    need, avail = float32_bytes(resolve_model_dir(name)), available_memory()
+    if avail is None or 2.5 * need <= avail:
+        return False
+    say(f"the float32 weights of {name} take {need / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB are available: "
+        "loading it lazily (memory-mapped) and quantizing it layer by layer (minisq.quantize_checkpoint)")
+    return True
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -282,6 +307,8 @@ def run(args) -> dict:
     say(f"data: {source}; {len(calib)} calibration sequences, {len(eval_ids)} eval tokens "
         f"(windows of {seq_len}), {len(passages)} LAMBADA passages")
 
+    if model.lazy:
+        return run_streamed(args, model, name, note, calib, eval_ids, passages, source, seq_len, out)
     t0 = time.perf_counter()
     stats = calibrate(model, calib, keep_samples=256)
     groups = smoothing_groups(model)
@@ -320,6 +347,81 @@ def run(args) -> dict:
                   data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len,
                   lambada_passages=len(passages), calib_sequences=len(calib), device=args.device,
                   rows=rows, figures=figures, alpha_sweep=sweep, generation=text)
+    table = format_table(rows, name, model.config.is_synthetic)
+    say("")
+    say(table)
+    write_report(out, report, table)
+    say("")
+    say(f'Generated text, greedy, prompt {text["prompt"]!r}:')
+    say(f'  FP32           : {text["float"]!r}')
+    say(f'  SmoothQuant-O3 : {text["w8a8"]!r}')
+    say("")
+    say(f"Report: {out / 'report.md'} and {out / 'report.json'}; figures: {', '.join(figures)}")
+    return report
+
+
+# The rows a lazy (memory-mapped) model gets: each W8A8 variant is written layer by layer by
+# quantize_checkpoint, loaded (int8 weights fit where float32 ones do not), evaluated, removed.
+STREAMED_VARIANTS = (  # (row label, smoothed?, preset)
+    ("W8A8 naive (= O2 without smoothing)", False, "naive"),
+    ("SmoothQuant-O1", True, "O1"),
+    ("SmoothQuant-O2", True, "O2"),
+    ("SmoothQuant-O3", True, "O3"),
+)
+
+
+def run_streamed(args, model, name, note, calib, eval_ids, passages, source, seq_len, out: Path) -> dict:
+    """The demo for a model bigger than memory: float rows evaluated layer by layer, each W8A8
+    variant made by :func:`minisq.quantize_checkpoint` into ``out/models`` and removed after
+    its row. The figures that need whole float models in memory (activations, per-layer SQNR,
+    α sweep, the baselines) are left out, with a line saying so."""
+    import shutil
+
+    from .hub import resolve_model_dir
+    from .stream import quantize_checkpoint
+
+    folder = resolve_model_dir(model.info.get("source", args.model))
+    say("lazy model: rows are the float model and SmoothQuant's presets (each W8A8 model written layer by "
+        "layer, then loaded as int8); the figures and baselines that need whole float models in memory "
+        "are skipped")
+    window = eval_ids[None, :seq_len]
+    fp_logits = to_numpy(model(window))
+    rows = []
+
+    def add_row(label, smoothed, preset, m):
+        ppl, acc, secs = evaluate(m, eval_ids, passages, seq_len)
+        kl = kl_to_float(fp_logits, m, window)
+        cfg = PRESETS.get(preset, dict(weights="fp32", acts="fp32"))
+        rows.append(dict(variant=label, smoothed=smoothed, preset=preset or "float", weights=cfg["weights"],
+                         acts=cfg["acts"], perplexity=ppl, kl_to_fp=kl, lambada_acc=acc,
+                         weight_mib=weight_memory(m)["stored_bytes"] / 2**20, seconds=secs,
+                         kv_bytes_per_token=m.kv_cache_bytes_per_token(), options={}))
+        say(f"  {label:<38} ppl {ppl:10.3f}   KL to FP {kl:.2e}"
+            + (f"   LAMBADA {acc:6.1%}" if acc is not None else "") + f"   ({secs:.1f} s)")
+
+    add_row("FP32 (float, layer by layer)", False, None, model)
+    groups = smoothing_groups(model)
+    o3 = None
+    for label, smoothed, preset in STREAMED_VARIANTS:
+        dst = out / "models" / f"{preset}{'-smoothed' if smoothed else ''}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        quantize_checkpoint(folder, dst, calib, preset=preset, alpha=args.alpha, smooth=smoothed, groups=groups)
+        m = load(dst)
+        add_row(label, smoothed, preset, m)
+        if preset == "O3":
+            o3 = m
+        else:
+            del m
+        shutil.rmtree(dst)
+    text = side_by_side(model, o3, max_new_tokens=8)
+    figures = []
+    plots.landscape(rows, title="KL to float", model_name=name, path=out / "landscape.png")
+    figures.append("landscape.png")
+    report = dict(model=name, synthetic=model.config.is_synthetic, note=note, alpha=args.alpha,
+                  data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len, lazy=True,
+                  lambada_passages=len(passages), calib_sequences=len(calib), device="cpu",
+                  rows=rows, figures=figures, alpha_sweep=None, generation=text)
     table = format_table(rows, name, model.config.is_synthetic)
     say("")
     say(table)

@@ -109,3 +109,29 @@ def test_demo_help_documents_every_option():
         assert opt in res.stdout
     assert "``" not in res.stdout and ":func:" not in res.stdout, "plain text, not reStructuredText"
     assert "KL to FP" in res.stdout and "KL(p_float || p_variant)" in res.stdout and "weights MiB" in res.stdout
+
+
+def test_demo_streams_a_lazy_model_with_the_same_numbers(shared_data, make_checkpoint, tmp_path):
+    """--lazy (automatic for a model bigger than memory): float rows layer by layer, each
+    SmoothQuant variant written by quantize_checkpoint; the rows equal the in-memory demo's."""
+    import json
+    import shutil
+
+    from minisq.demo import main
+
+    folder, _ = make_checkpoint("opt", vocab_size=50272)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_data / "opt" / f, folder / f)
+    common = ["--model", str(folder), "--data-dir", str(shared_data), "--calib-samples", "2", "--eval-tokens", "128",
+              "--lambada-samples", "4", "--seq-len", "32", "--alphas", ""]
+    assert main(common + ["--lazy", "--out", str(tmp_path / "lazy")]) == 0
+    assert main(common + ["--out", str(tmp_path / "eager")]) == 0
+    lazy = {r["variant"].replace(", layer by layer", ""): r for r in
+            json.loads((tmp_path / "lazy" / "report.json").read_text())["rows"]}
+    eager = {r["variant"]: r for r in json.loads((tmp_path / "eager" / "report.json").read_text())["rows"]}
+    assert set(lazy) == {"FP32 (float)", "W8A8 naive (= O2 without smoothing)", "SmoothQuant-O1",
+                         "SmoothQuant-O2", "SmoothQuant-O3"}
+    for label, row in lazy.items():
+        assert row["perplexity"] == eager[label]["perplexity"], label
+        assert row["lambada_acc"] == eager[label]["lambada_acc"], label
+    assert not (tmp_path / "lazy" / "models").exists() or not any((tmp_path / "lazy" / "models").iterdir())
