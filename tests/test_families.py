@@ -29,15 +29,21 @@ def current_logits(make_checkpoint):
     return reference.all_logits(lambda family: make_checkpoint(family)[0])
 
 
-def test_gpt2_and_opt_logits_are_bit_identical_to_before_the_refactor(pinned, current_logits):
+def test_gpt2_and_opt_logits_are_those_of_before_the_refactor(pinned, current_logits):
     # Pinned by tests/make_reference_logits.py from the code at 31e4c99 (before minisq.families):
     # float32 and float64; plain, smoothed (all groups), O1/O3 int, attention-quantized; synthetic.
+    # The refactor itself changed no bit: at its commit (c153d3a) this test was
+    # assert_array_equal. Issue 14's faster elementwise code came after it and rounds
+    # differently (GELU as x*sigmoid(2u), LayerNorm's variance by einsum, attention normalized
+    # after p.v): measured 7.2e-7 relative at most in float32, 6.2e-16 in float64.
     assert set(pinned) == set(current_logits)
     assert len(pinned) == 26
     for key, want in pinned.items():
         got = current_logits[key]
         assert got.dtype == want.dtype, key
-        np.testing.assert_array_equal(got, want, err_msg=key)
+        tol = 1e-14 if want.dtype == np.float64 else 2e-6
+        rel = float(np.abs(got - want).max() / np.abs(want).max())
+        assert rel <= tol, (key, rel)
 
 
 def test_generic_code_never_branches_on_model_type():
