@@ -558,3 +558,27 @@ def test_gpu_integer_path_equals_cpu_integer_path():
     yg = dequant_epilogue(int8_gemm(qxg, qwg), sxg, swg)
     np.testing.assert_array_equal(backend.to_numpy(yg), y)
     assert math.isfinite(float(yg.sum()))
+
+
+def test_exact_gemm_is_right_from_concurrent_threads():
+    """The CPU path converts weights into a reused float32 workspace: one per thread, so two
+    threads multiplying different weights of the same shape never see each other's."""
+    import threading
+
+    from minisq.gemm import int8_gemm, int8_gemm_reference
+
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(-127, 128, (64, 96)).astype(np.int8), rng.integers(-127, 128, (96, 80)).astype(np.int8))
+             for _ in range(4)]
+    wrong = []
+
+    def work(a, b):
+        want = int8_gemm_reference(a, b)
+        for _ in range(50):
+            if not np.array_equal(int8_gemm(a, b), want):
+                wrong.append(1)
+
+    threads = [threading.Thread(target=work, args=p) for p in pairs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not wrong
