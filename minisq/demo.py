@@ -347,17 +347,7 @@ def run(args) -> dict:
                   data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len,
                   lambada_passages=len(passages), calib_sequences=len(calib), device=args.device,
                   rows=rows, figures=figures, alpha_sweep=sweep, generation=text)
-    table = format_table(rows, name, model.config.is_synthetic)
-    say("")
-    say(table)
-    write_report(out, report, table)
-    say("")
-    say(f'Generated text, greedy, prompt {text["prompt"]!r}:')
-    say(f'  FP32           : {text["float"]!r}')
-    say(f'  SmoothQuant-O3 : {text["w8a8"]!r}')
-    say("")
-    say(f"Report: {out / 'report.md'} and {out / 'report.json'}; figures: {', '.join(figures)}")
-    return report
+    return finish(out, report, model)
 
 
 # The rows a lazy (memory-mapped) model gets: each W8A8 variant is written layer by layer by
@@ -422,16 +412,22 @@ def run_streamed(args, model, name, note, calib, eval_ids, passages, source, seq
                   data=source, eval_tokens=int(len(eval_ids)), seq_len=seq_len, lazy=True,
                   lambada_passages=len(passages), calib_sequences=len(calib), device="cpu",
                   rows=rows, figures=figures, alpha_sweep=None, generation=text)
-    table = format_table(rows, name, model.config.is_synthetic)
+    return finish(out, report, model)
+
+
+def finish(out: Path, report: dict, model) -> dict:
+    """Print the table and the generated text, write report.md / report.json; the report."""
+    table = format_table(report["rows"], report["model"], model.config.is_synthetic)
     say("")
     say(table)
     write_report(out, report, table)
+    text = report["generation"]
     say("")
     say(f'Generated text, greedy, prompt {text["prompt"]!r}:')
     say(f'  FP32           : {text["float"]!r}')
     say(f'  SmoothQuant-O3 : {text["w8a8"]!r}')
     say("")
-    say(f"Report: {out / 'report.md'} and {out / 'report.json'}; figures: {', '.join(figures)}")
+    say(f"Report: {out / 'report.md'} and {out / 'report.json'}; figures: {', '.join(report['figures'])}")
     return report
 
 
