@@ -84,7 +84,8 @@ def perplexity(model, text, seq_len: int | None = None, stride: int | None = Non
         raise InputError(f"{len(ids)} tokens are too few for one window of {L}; lower seq_len")
     spans = windows(len(ids), L, stride)
     nll, count = 0.0, 0
-    groups = [spans[i:i + size] for size in [batch_size if stride == L else 1] for i in range(0, len(spans), size)]
+    size = batch_size if stride == L else 1
+    groups = [spans[i:i + size] for i in range(0, len(spans), size)]
     batches = [(np.stack([ids[b:e] for b, e, _ in group]), None) for group in groups]   # [W, L] each
     for group, (batch, _), logits in zip(groups, batches, logits_of(model, batches, progress, "perplexity")):
         for row, (b, e, n) in enumerate(group):

@@ -65,7 +65,7 @@ from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import int8_bmm, int8_linear, pack_weight_tn
-from .nn import Linear
+from .nn import Linear, merge_heads, softmax, split_heads
 from .storage import materialize
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
@@ -349,12 +349,14 @@ def static_qkv_scales(model, stats) -> tuple:
     outputs (the official ``get_static_decoder_layer_scales``), in the model's dtype, with the
     quantizers' zero-range guard. GPT-2's fused ``c_attn`` gives q, k, v as thirds of its
     output: each third has its own range."""
+    return tuple(qkv_scales(model, stats.qkv_absmax(model, i)) for i in range(model.config.num_layers))
+
+
+def qkv_scales(model, maxima) -> tuple:
+    """``(Δq, Δk, Δv)`` of one layer from its calibrated ``(max|q|, max|k|, max|v|)``: ``max / 127``
+    in the model's dtype, with the quantizers' zero-range guard."""
     xp = model.xp
-    out = []
-    for i in range(model.config.num_layers):
-        maxima = stats.qkv_absmax(model, i)
-        out.append(tuple(dynamic_scale(xp, xp.asarray(m, dtype=model.dtype)) for m in maxima))
-    return tuple(out)
+    return tuple(dynamic_scale(xp, xp.asarray(m, dtype=model.dtype)) for m in maxima)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -402,8 +404,6 @@ class AttentionQuant:
         """Attention output ``[B, T, C]`` from the q, k, v projection outputs ``[B, T, C]``
         (``mask`` ``[B, T]`` marks the new tokens that are real; ``bias`` ``[B, 1, T, S]``).
         The KV cache stores k and v as int8 codes with their per-token scales."""
-        from .nn import merge_heads, softmax, split_heads
-
         xp = get_array_module(q)
         dtype = q.dtype
         (q_q, q_s), (k_q, k_s), (v_q, v_s) = (self.quantize(a, mask, j, layer) for j, a in enumerate((q, k, v)))

@@ -81,17 +81,6 @@ class StoredTensor:
             a = bf16_to_float32(np.asarray(a))
         return np.array(a, dtype=dtype, order="C", copy=True)
 
-    def rows(self, index, dtype=np.float32) -> np.ndarray:
-        """``self[index]`` along the first logical axis (an embedding lookup) in ``dtype``,
-        reading only those rows."""
-        # [V, C] stored, [B, T] int -> [B, T, C] dtype
-        if self.transpose:
-            raise ValueError("row lookup of a transposed stored tensor")
-        a = self.data[np.asarray(index)]
-        if self.elem == "bf16":
-            a = bf16_to_float32(a)
-        return a.astype(dtype, copy=False)
-
     def __repr__(self) -> str:
         kind = "memory-mapped " if isinstance(getattr(self.data, "base", None), np.memmap) or \
             isinstance(self.data, np.memmap) else ""
@@ -135,7 +124,3 @@ def _holds_stored(node) -> bool:
         return any(_holds_stored(getattr(node, f.name)) for f in dataclasses.fields(node))
     return False
 
-
-def holds_stored(node) -> bool:
-    """True when some part of ``node`` is a :class:`StoredTensor` (not yet materialized)."""
-    return _holds_stored(node)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate import CalibrationStats
 from .errors import CheckpointError, ConfigError
 from .progress import progress as show_progress
 
@@ -53,12 +54,9 @@ def forward_layerwise(model, batches, progress: bool = False, desc: str = "layer
     """
     family, outer = model.family, model.outer()
     inputs = [model.prepare(ids, mask) for ids, mask in batches]
-    xs = [family.embed(outer, inp.ids, inp.positions, inp.new_mask) for inp in inputs]   # N x [B, T, C]
+    xs = embed_all(outer, inputs)                                                          # N x [B, T, C]
     for i in show_progress(range(model.config.num_layers), progress, desc):
-        layer = model.layer(i)
-        for n, inp in enumerate(inputs):   # in place: each batch's old states are freed at once
-            xs[n] = family.block(outer, i, layer, xs[n], inp.bias, inp.new_mask, None, inp.positions)
-        del layer
+        apply_layer(outer, i, model.layer(i), xs, inputs)
     for n, inp in enumerate(inputs):
         logits = family.head(outer, xs[n], inp.new_mask)
         xs[n] = None
@@ -66,14 +64,27 @@ def forward_layerwise(model, batches, progress: bool = False, desc: str = "layer
         yield logits[0] if inp.squeeze else logits
 
 
+def embed_all(outer, inputs) -> list:
+    """The embeddings of every prepared batch (``outer``: see :meth:`minisq.Model.outer`)."""
+    # N x Inputs -> N x [B, T, C]
+    return [outer.family.embed(outer, inp.ids, inp.positions, inp.new_mask) for inp in inputs]
+
+
+def apply_layer(outer, i: int, layer, xs: list, inputs) -> None:
+    """Decoder layer ``i`` (its parameters ``layer``) applied to every batch's hidden states,
+    in place: each batch's old states are freed as soon as its new ones exist."""
+    # N x [B, T, C] -> N x [B, T, C]
+    for n, inp in enumerate(inputs):
+        xs[n] = outer.family.block(outer, i, layer, xs[n], inp.bias, inp.new_mask, None, inp.positions)
+
+
 def logits_of(model, batches, progress: bool = False, desc: str = "batches"):
     """``model(ids, mask)`` for every batch: batch by batch for a model in memory, layer-outer
     (:func:`forward_layerwise`) for a lazy one, whose layers are then read once."""
-    if getattr(model, "lazy", False):
+    if model.lazy:
         yield from forward_layerwise(model, batches, progress, desc + " (layer by layer)")
         return
-    from .progress import progress as bar
-    for ids, mask in bar(batches, progress, desc):
+    for ids, mask in show_progress(batches, progress, desc):
         yield model(ids, mask)
 
 
@@ -218,7 +229,7 @@ class _Run:
     def start(self, done: int) -> None:
         """The activations entering layer ``done``: embedded afresh, or read back from disk."""
         if done == 0:
-            xs = [self.family.embed(self.outer, inp.ids, inp.positions, inp.new_mask) for inp in self.inputs]
+            xs = embed_all(self.outer, self.inputs)
             self.float_xs, self.smooth_xs = xs, list(xs)
             return
         from .checkpoint import read_safetensors
@@ -249,9 +260,8 @@ class _Run:
 
         recorder = _Recorder(0)
         prefix = self.family.LAYER_PREFIX.format(i=i)
-        watched = _map(layer, lambda name, leaf: Observed(leaf, f"{prefix}.{name}", recorder), "")
-        for n, inp in enumerate(self.inputs):
-            xs[n] = self.family.block(self.outer, i, watched, xs[n], inp.bias, inp.new_mask, None, inp.positions)
+        apply_layer(self.outer, i, _map(layer, lambda name, leaf: Observed(leaf, f"{prefix}.{name}", recorder), ""),
+                    xs, self.inputs)
         return recorder
 
     def layer(self, i: int) -> None:
@@ -291,30 +301,22 @@ class _Run:
         tensors: dict = {}
         skeleton = _encode(quantized, prefix, tensors)
         tensors.update({f"smoothing.{src}": s for src, s in factors.items()})
+        note = {"skeleton": skeleton, "factors": sorted(factors)}
         if self.attn_bmm is not False and granularity["acts"] == "static":
-            tensors[f"attn_static.{i}"] = np.asarray(self._static_qkv(i, stats), dtype=np.float64)
+            # max |q|, |k|, |v| of this layer's projections, read as calibrate() reads them
+            ranges = CalibrationStats({}, {}, {}, {}, 0, {}, stats.out_channel)
+            note["qkv_absmax"] = list(ranges.qkv_absmax(self.model, i))
         _save_file(tensors, self.dst / f"layer-{i:05d}.safetensors")
-        _write_json(self.dst / f"layer-{i:05d}.json", {"skeleton": skeleton, "factors": sorted(factors)})
+        _write_json(self.dst / f"layer-{i:05d}.json", note)
         self._save_carry(i)
-
-    def _static_qkv(self, i: int, stats) -> tuple:
-        """max |q|, |k|, |v| of layer i's projections over the calibration tokens."""
-        out = []
-        for which, (template, part, parts) in enumerate(self.family.QKV_OUTPUTS):
-            ch = stats.out_channel[template.format(i=i)]
-            width = len(ch) // parts
-            out.append(self.family.attention_input_absmax(self.model.config, which, ch[part * width:(part + 1) * width]))
-        return tuple(out)
 
     # --- the end ----------------------------------------------------------------------------
     def finish(self, src) -> None:
         """Write the parameters outside the layers, the tokenizer and, last, ``minisq.json``
         (a folder without it is no model). Run again after a kill, it writes the same."""
-        from .checkpoint import read_safetensors
         from .export import FORMAT as MODEL_FORMAT
         from .export import _encode
-        from .qlinear import PRESETS
-        from .quant import dynamic_scale
+        from .qlinear import PRESETS, qkv_scales
 
         model, L = self.model, self.model.config.num_layers
         embedding = self.outer._embedding()
@@ -323,41 +325,34 @@ class _Run:
         tensors: dict = {}
         outer_skeleton = _encode(outer_params, "", tensors, embedding)["dict"]
         _save_file(tensors, self.dst / "model.safetensors")
-        layer_skeletons, factor_names = [], []
-        for i in range(L):
-            meta = json.loads((self.dst / f"layer-{i:05d}.json").read_text())
-            layer_skeletons.append(meta["skeleton"])
-            factor_names += meta["factors"]
+        notes = [json.loads((self.dst / f"layer-{i:05d}.json").read_text()) for i in range(L)]
+        layer_skeletons = [note["skeleton"] for note in notes]
+        factor_names = [name for note in notes for name in note["factors"]]
         order = [self.family.EMBEDDING] + [k for k in model.params if k != self.family.EMBEDDING]
         skeleton = {"dict": {k: ({"list": layer_skeletons} if k == self.key else outer_skeleton[k]) for k in order}}
         granularity = PRESETS[self.preset]
         info = {"source": str(src)}
         info_tensors: dict = {}
         if self.smooth:
-            groups = list(self.groups)
-            info_skel = {"alpha": self.alpha if not isinstance(self.alpha, dict) else dict(self.alpha),
-                         "groups": groups}
-            info["smoothing"] = info_skel
+            info["smoothing"] = {"alpha": self.alpha if not isinstance(self.alpha, dict) else dict(self.alpha),
+                                 "groups": list(self.groups)}
         info["quantization"] = dict(preset=self.preset, weights=granularity["weights"], acts=granularity["acts"],
                                     path="int", skip=list(self.skip), attn_bmm=self.attn_bmm)
         info_skeleton = _encode(info, "info", info_tensors)
         if self.smooth:   # the factors stay in the layer shards; refer to them by name
             info_skeleton["dict"]["smoothing"]["dict"]["factors"] = {
                 "dict": {name: {"tensor": f"smoothing.{name}"} for name in factor_names}}
-            # keep the in-memory pipeline's key order: alpha, groups, factors; then quantization
         attn = None
         if self.attn_bmm is not False:
             static = None
             if granularity["acts"] == "static":
-                dtype = model.dtype
-                static = []
-                for i in range(L):
-                    maxima = read_safetensors(self.dst / f"layer-{i:05d}.safetensors")[f"attn_static.{i}"]
-                    static.append(tuple(dynamic_scale(np, np.asarray(m, dtype=dtype)) for m in maxima))
+                static = tuple(qkv_scales(model, note["qkv_absmax"]) for note in notes)
             fields = dict(acts=granularity["acts"], path="int", static=static, probs_int8=self.attn_bmm == "static")
             attn = _encode(fields, "attn_quant", info_tensors)
-        _save_file(info_tensors or {"_": np.zeros(1, np.uint8)}, self.dst / "info.safetensors")
-        shards = ["model.safetensors", "info.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(L)]
+        shards = ["model.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(L)]
+        if info_tensors:   # the static attention scales
+            _save_file(info_tensors, self.dst / "info.safetensors")
+            shards.insert(1, "info.safetensors")
         meta = dict(format=MODEL_FORMAT, config=model.config.to_dict(), params=skeleton, info=info_skeleton,
                     attn_quant=attn, tokenizer=model.tokenizer is not None, shards=shards)
         if model.tokenizer is not None:
