@@ -213,8 +213,7 @@ def quantize_per_sequence(x, mask=None):
     xp, x = _float_input(x)
     if x.size == 0:
         raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
-    _check_finite(xp, x)
-    token_max = xp.max(xp.abs(x), axis=-1)                                        # [..., T]
+    token_max = _absmax_checked(xp, x, axis=-1)[..., 0]                          # [..., T]
     if mask is not None:
         mask = xp.asarray(mask)
         if mask.shape != x.shape[:-1]:
