@@ -7,7 +7,7 @@ the exact INT8 GEMM and the epilogue). Checks first: the integer path equals the
 path on every linear of the first block to float32 rounding, and the quantized model keeps
 no float32 copy of its int8 weights. Then the two forwards take turns ``--repeats`` times
 and the ratio int / float is printed (target <= 1.15) with the CPU model, NumPy's BLAS
-kernel and the load average. ``--profile`` adds where the integer path's time goes.
+kernel and the load average. ``--profile`` adds where each forward's time goes, stage by stage.
 
     python benchmarks/w8a8_cpu.py [--tokens 512] [--repeats 5] [--profile]
 """
@@ -50,6 +50,61 @@ def check(model, qmodel, ids) -> None:
           f"in float32 ({mem['quantized_layers']} int8 layers; lm_head float)")
 
 
+def stages(model, qmodel, ids, runs: int = 5) -> None:
+    """Where each forward's wall time goes, stage by stage (median of ``runs``; minisq's
+    worker threads make a profiler of the main thread blind, so the stages are timed)."""
+    import collections
+    import time
+
+    from minisq import backend, nn, qlinear
+
+    spent = collections.defaultdict(float)
+
+    def timed(owner, name, label):
+        fn = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t0
+        return fn, wrapper
+
+    hooks = [(qlinear.W8A8Linear, "quantize_input", "int8: quantize activations"),
+             (qlinear, "int8_linear", "int8: GEMM + epilogue"),
+             (backend, "matmul_rows", "float: linear (lm_head on W8A8)"),
+             (nn, "attention_causal_blocked", "attention"),
+             (nn.ACTIVATION_FNS, "gelu_new", "GELU"),
+             (nn, "layer_norm", "LayerNorm")]
+    saved = []
+    for owner, name, label in hooks:
+        fn, wrapper = timed(owner, name, label)
+        saved.append((owner, name, fn))
+        if isinstance(owner, dict):
+            owner[name] = wrapper
+        else:
+            setattr(owner, name, wrapper)
+    try:
+        for which, m in (("float", model), ("int", qmodel)):
+            per_run = []
+            for _ in range(runs):
+                spent.clear()
+                t0 = time.perf_counter()
+                m(ids)
+                total = time.perf_counter() - t0
+                per_run.append(dict(spent, total=total, other=total - sum(spent.values())))
+            print(f"{which} forward, median of {runs} (ms):")
+            for label in per_run[0]:
+                print(f"  {label:<34} {statistics.median(r[label] for r in per_run) * 1e3:8.1f}")
+    finally:
+        for owner, name, fn in saved:
+            if isinstance(owner, dict):
+                owner[name] = fn
+            else:
+                setattr(owner, name, fn)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
@@ -78,13 +133,7 @@ def main() -> None:
           f"pairwise {min(ratios):.2f}-{max(ratios):.2f}x  (target <= 1.15)")
 
     if args.profile:
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.runcall(qmodel, ids)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-
+        stages(model, qmodel, ids)
 
 if __name__ == "__main__":
     main()

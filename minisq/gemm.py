@@ -129,9 +129,10 @@ def int8_bmm_reference(a_q, b_q):
 # CPU fast path: float32 BLAS (one call, or over K-blocks), bit-exact
 
 
-def _float32_sums(a, b):
+def _float32_sums(a, b32, out=None):
     """``a @ b`` in one float32 BLAS call, as float32 holding the exact integer sums, or
     None when one call might round (then :func:`_int8_matmul_cpu` goes block by block).
+    ``b32`` is the int8 ``b`` already converted to float32 (exactly, :func:`_as_float32`).
 
     Float32 holds every integer of magnitude <= 2^24. Every product |a·b| <= 128 · |a|, so
     every partial sum BLAS can form for row i, in any order, has magnitude at most
@@ -143,14 +144,14 @@ def _float32_sums(a, b):
     of N(0, 1) rows: 80%), which saves the blocks' extra BLAS calls and int32 adds;
     adversarial rows (e.g. all ±127) take the blocks.
     """
-    # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] float32 (exact integers) or None
+    # [..., M, K] int8, [..., K, N] float32 -> [..., M, N] float32 (exact integers; out if given) or None
     a32 = a.astype(np.float32)
     if a.shape[-1] > BLOCK_K:
         # |a| <= 128 and K <= MAX_K keep these float32 row sums below 2^24: exact
         row_l1 = np.abs(a32).sum(axis=-1)
         if row_l1.size and float(row_l1.max()) * 128 > 2**24:
             return None
-    return np.matmul(a32, _as_float32(b))
+    return np.matmul(a32, b32, out=out)
 
 
 # One reusable float32 buffer per weight shape (and per thread): converting an int8 weight
@@ -173,8 +174,12 @@ def _as_float32(b):
         if len(buffers) >= 8:
             buffers.clear()
         buf = buffers[b.shape] = np.empty(b.shape, np.float32)
-    np.copyto(buf, b, casting="unsafe")
+    backend.split_rows(_copy_into, b, buf)   # int8 -> float32, exact; rows over the cores
     return buf
+
+
+def _copy_into(src, dst):
+    np.copyto(dst, src, casting="unsafe")
 
 
 def _int8_matmul_cpu(a, b):
@@ -199,7 +204,7 @@ def _int8_matmul_cpu(a, b):
     on small shapes, and on VMs where page faults are expensive).
     """
     # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] int32  (same leading axes)
-    part = _float32_sums(a, b)
+    part = _float32_sums(a, _as_float32(b))
     if part is not None:
         return part.astype(np.int32)  # exact: part holds integers of magnitude <= 2^24
     return _int8_matmul_cpu_blocked(a, b)
@@ -567,18 +572,19 @@ def dequant_epilogue(acc, row_scale, col_scale, bias=None, out_dtype=np.float32)
     r, c, b = _epilogue_operands(xp, acc.shape, row_scale, col_scale, bias, compute)
     if xp is not np:
         return _epilogue_gpu(acc, r, c, b, dtype)
-    return _epilogue_cpu(acc.astype(compute), r, c, b, dtype)  # astype: a fresh array
+    y = _epilogue_cpu(acc.astype(compute), r, c, b)  # astype: a fresh array, ours to overwrite
+    return y if y.dtype == dtype else y.astype(dtype)
 
 
-def _epilogue_cpu(y, r, c, b, dtype):
-    """The epilogue's arithmetic on ``y``, the GEMM's exact sums already converted to the
-    compute dtype in a fresh array that is overwritten (one pass per operation, no temporaries
-    of y's size but ``r * c`` for per-token x per-channel)."""
-    # [..., M, N] float (exact integers), scales, bias -> [..., M, N] dtype
+def _epilogue_cpu(y, r, c, b):
+    """The epilogue's arithmetic on ``y``, the GEMM's exact sums already in the compute
+    dtype, overwritten in place (one pass per operation, no temporaries of y's size but
+    ``r * c`` for per-token x per-channel)."""
+    # [..., M, N] float (exact integers), scales, bias -> y, [..., M, N] in the compute dtype
     y *= r * c  # [..., M, N] * ([..., M, 1] * [1, N])
     if b is not None:
         y += b
-    return y if y.dtype == dtype else y.astype(dtype)
+    return y
 
 
 def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32):
@@ -588,8 +594,11 @@ def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32)
     On the CPU this skips a round trip: when one float32 BLAS call is exact
     (:func:`_float32_sums`), its float32 result already holds the int32 accumulator's exact
     values, and the epilogue scales it in place instead of converting it to int32 and back
-    (two passes over the output and a fresh array saved). On the GPU it is exactly the two
-    calls (cuBLAS int8 GEMM, then the fused epilogue kernel).
+    (two passes over the output and a fresh array saved). Rows are independent from the
+    GEMM to the epilogue, so each core takes a block of rows through all of it
+    (:func:`minisq.backend.run_row_blocks`); the sums are exact and each output element
+    gets the same three operations however the rows are cut. On the GPU it is exactly the
+    two calls (cuBLAS int8 GEMM, then the fused epilogue kernel).
     """
     # [..., K] int8, [K, N] int8 | TNWeight, [..., 1] | [], [N] | [1, N] | [], [N] -> [..., N] float
     xp = get_array_module(a_q)
@@ -602,12 +611,26 @@ def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32)
     if len(lead) == 0:  # a single row [K]: the epilogue takes [..., M, N]
         return int8_linear(a_q[None], b_q, row_scale, col_scale, bias, out_dtype)[0]
     r, c, b = _epilogue_operands(np, lead + (N,), row_scale, col_scale, bias, compute)
-    a2 = a_q.reshape(math.prod(lead), K)                        # [M, K]
-    sums = _float32_sums(a2, b_view)                            # [M, N] float32 or None
-    if sums is None:
-        sums = _int8_matmul_cpu_blocked(a2, b_view)             # [M, N] int32
-    y = sums.astype(compute, copy=False).reshape(lead + (N,))   # ours to overwrite
-    return _epilogue_cpu(y, r, c, b, dtype)
+    M = math.prod(lead)
+    a2 = a_q.reshape(M, K)                                      # [M, K]
+    r = r.reshape(M, 1) if r.ndim else r                        # [M, 1] per token, or one scalar
+    b32 = _as_float32(b_view)                                   # [K, N] float32 (exact), shared
+    y = np.empty((M, N), compute)                               # [M, N]
+
+    def rows(i):
+        # rows i0:i1 of the layer, start to finish: exact sums into y's rows, then the epilogue
+        i0, i1 = i
+        y_rows = y[i0:i1]
+        sums = _float32_sums(a2[i0:i1], b32, out=y_rows if compute == np.float32 else None)
+        if sums is None:
+            sums = _int8_matmul_cpu_blocked(a2[i0:i1], b_view)  # int32
+        if sums is not y_rows:
+            np.copyto(y_rows, sums, casting="unsafe")           # exact for float64; as astype for float32
+        _epilogue_cpu(y_rows, r[i0:i1] if r.ndim else r, c, b)
+
+    backend.run_row_blocks(rows, M, M * K * N)
+    y = y.reshape(lead + (N,))
+    return y if y.dtype == dtype else y.astype(dtype)
 
 
 # The GPU epilogue: one fused elementwise kernel. __fmul_rn/__fadd_rn (and the double

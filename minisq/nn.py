@@ -18,7 +18,6 @@ kind it holds.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -56,19 +55,25 @@ def linear(x, w, b=None):
     # [..., C_in], [C_in, C_out], [C_out] -> [..., C_out]
     # One 2-D matmul over all tokens: NumPy would treat [B, T, C_in] @ w as B separate
     # products, each streaming all of w from memory (B times the traffic when decoding).
-    y = x.reshape(-1, x.shape[-1]) @ w
-    if b is not None:
-        y += b  # y is a fresh array: adding in place saves a pass over memory
+    # On the CPU its rows are shared out over the cores (x @ w + b, bias added in place).
+    y = backend.matmul_rows(x.reshape(-1, x.shape[-1]), w, b)   # [B·T, C_out]
     return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 def layer_norm(x, g=None, b=None, eps: float = 1e-5):
     # [..., C], [C], [C] -> [..., C]; normalized over the last axis, biased variance (as torch)
+    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
+    xp = get_array_module(x)
+    return backend.split_rows(lambda xs, ys: _layer_norm_into(xs, g, b, eps, ys), x, xp.empty(x.shape, x.dtype))
+
+
+def _layer_norm_into(x, g, b, eps: float, y):
+    # [..., C], [C], [C], [..., C] -> y: layer_norm(x, g, b, eps)
     # Passes over x: mean, subtract, sum of squares (einsum: no squared temporary), then
-    # three in-place passes (1/std, g, b) on the one fresh array.
+    # three in-place passes (1/std, g, b) on y.
     xp = get_array_module(x)
     mean = x.mean(axis=-1, keepdims=True)
-    y = x - mean                                                    # centered, a fresh array
+    xp.subtract(x, mean, out=y)                                     # centered
     var = xp.einsum("...c,...c->...", y, y)[..., None] / y.dtype.type(x.shape[-1])
     y *= 1 / xp.sqrt(var + x.dtype.type(eps))
     if g is not None:
@@ -80,14 +85,21 @@ def layer_norm(x, g=None, b=None, eps: float = 1e-5):
 
 def gelu_tanh(x):
     # [...] -> [...]; GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    # computed as x · sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3):
-    # the same function (0.5 (1 + tanh u) = sigmoid(2u)) in 7 elementwise passes instead of
-    # 9, and without the cancellation in 1 + tanh(u) for negative x. exp(-2u) overflows to
-    # inf for x below about -10: x / inf = -0, the right limit, so that warning is silenced.
+    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
+    xp = get_array_module(x)
+    return backend.split_rows(_gelu_tanh_into, x, xp.empty_like(x))
+
+
+def _gelu_tanh_into(x, out):
+    # [...], [...] -> out: gelu_tanh(x), computed as x · sigmoid(2u) = x / (1 + exp(-2u)),
+    # u = sqrt(2/pi) (x + 0.044715 x^3): the same function (0.5 (1 + tanh u) = sigmoid(2u))
+    # in 7 elementwise passes instead of 9, and without the cancellation in 1 + tanh(u) for
+    # negative x. exp(-2u) overflows to inf for x below about -10: x / inf = -0, the right
+    # limit, so that warning is silenced.
     xp = get_array_module(x)
     t = x.dtype.type
     c = math.sqrt(2.0 / math.pi)
-    e = x * x                                  # a fresh array, updated in place from here
+    e = xp.multiply(x, x, out=out)             # updated in place from here
     e *= t(-2.0 * c * 0.044715)
     e -= t(2.0 * c)
     e *= x                                     # -2u
@@ -169,39 +181,58 @@ def attention(q, k, v, bias, scale: float, matmul=None):
     return mm(p, v)
 
 
-def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 256):
+def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 128):
     """The same as :func:`attention` (float only), faster for long prompts: queries go in
     blocks of ``block``, and each block multiplies only the keys it can see (up to its last
     position), skipping the masked upper triangle — about half of the work at T = S. Each
-    block normalizes after the second product (:func:`_attention_block`), and on the CPU
-    the many small per-head products run on one BLAS thread each. Checked against
-    :func:`attention` in the tests.
+    block normalizes after the second product (:func:`_attention_block`), and adds the bias
+    only from its first query's position on when the bias is 0 on every key before that
+    (no padding and no window: the common case). On the CPU the heads are shared out over
+    the cores (:func:`minisq.backend.run_parallel`), each core running its heads' small
+    products on one BLAS thread; the result is the same bit for bit as one core doing
+    every head. Checked against :func:`attention` in the tests.
 
     # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
     """
     xp = get_array_module(q)
-    T, S = q.shape[2], k.shape[2]
+    B, H, T, _ = q.shape
+    S = k.shape[2]
     out = xp.empty_like(q)
-    # B·H small products per block: one BLAS thread each (see backend.blas_threads)
-    with backend.blas_threads(1) if xp is np else contextlib.nullcontext():
-        for t0 in range(0, T, block):
-            t1 = min(t0 + block, T)
-            seen = S - T + t1                      # keys visible to the block's last query
-            out[:, :, t0:t1] = _attention_block(q[:, :, t0:t1], k[:, :, :seen], v[:, :, :seen],
-                                                bias[:, :, t0:t1, :seen], scale)
+    blocks = []                                    # (t0, t1, keys seen, first key the bias must be added to)
+    for t0 in range(0, T, block):
+        t1, before = min(t0 + block, T), S - T + t0    # keys before the block's first query
+        free = not bool(bias[:, :, t0:t1, :before].any())   # bias 0 there: nothing to add
+        blocks.append((t0, t1, S - T + t1, before if free else 0))
+
+    def heads(h):
+        # the heads h[0] <= j < h[1] of every sequence, all query blocks -> out[:, h0:h1]
+        h0, h1 = h
+        for t0, t1, seen, from_key in blocks:
+            out[:, h0:h1, t0:t1] = _attention_block(q[:, h0:h1, t0:t1], k[:, h0:h1, :seen],
+                                                    v[:, h0:h1, :seen], bias[:, :, t0:t1, :seen],
+                                                    scale, from_key)
+
+    if xp is not np:
+        heads((0, H))
+        return out
+    # a decoding step's few scores are not worth a hand-off between threads
+    threads = backend.cpu_threads() if B * H * T * S >= backend.PARALLEL_MIN_ELEMENTS else 1
+    with backend.one_blas_thread():
+        backend.run_parallel(heads, backend.row_ranges(H, threads))
     return out
 
 
-def _attention_block(q, k, v, bias, scale: float):
+def _attention_block(q, k, v, bias, scale: float, from_key: int = 0):
     """softmax(q kᵀ · scale + bias) v with the division by Σ exp moved after the product
     with v: ``(exp(s - max) @ v) / Σ exp(s - max)`` divides T·D numbers instead of T·S
-    (one elementwise pass over the scores fewer; same math, float rounding apart).
+    (one elementwise pass over the scores fewer; same math, float rounding apart). The
+    bias is added to keys ``from_key`` on only (the caller knows it is 0 before).
 
     # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
     """
     xp = get_array_module(q)
     e = q * q.dtype.type(scale) @ k.swapaxes(-1, -2)   # [B, H, T, S], a fresh array
-    e += bias
+    e[..., from_key:] += bias[..., from_key:]
     e -= e.max(axis=-1, keepdims=True)
     xp.exp(e, out=e)
     out = e @ v                                         # [B, H, T, D]

@@ -53,12 +53,12 @@ def test_one_call_is_used_up_to_the_bound_and_exact_there(K):
     a = rows_with_l1(rng, 3, K, 2**24 // 128)
     b = np.where(rng.random((K, 4)) < 0.5, -128, 127).astype(np.int8)
     b[:, 0] = np.where(a[0] < 0, -128, 127)  # column 0 aligned with row 0's signs
-    assert gemm._float32_sums(a, b) is not None
+    assert gemm._float32_sums(a, gemm._as_float32(b)) is not None
     np.testing.assert_array_equal(int8_gemm(a, b), int8_gemm_reference(a, b))
     over = a.copy()
     k = int(np.flatnonzero(over[1] == 0)[0])
     over[1, k] = 1  # one more in one row: the bound no longer holds, the blocks take over
-    assert gemm._float32_sums(over, b) is None
+    assert gemm._float32_sums(over, gemm._as_float32(b)) is None
     np.testing.assert_array_equal(int8_gemm(over, b), int8_gemm_reference(over, b))
 
 
@@ -68,7 +68,7 @@ def test_the_bound_is_needed_one_call_past_it_can_round():
     K = 16384
     a = np.full((2, K), 127, dtype=np.int8)
     b = np.full((K, 2), 127, dtype=np.int8)
-    assert gemm._float32_sums(a, b) is None
+    assert gemm._float32_sums(a, gemm._as_float32(b)) is None
     rng = np.random.default_rng(5)
     a = rng.integers(100, 128, size=(4, K), dtype=np.int8)
     b = rng.integers(100, 128, size=(K, 4), dtype=np.int8)
@@ -84,9 +84,9 @@ def test_quantized_activations_usually_take_one_call():
     h = rng.normal(size=(8, 3072)).astype(np.float32)
     x_q, _ = quantize_per_token(h * (h > 0))  # ReLU/GELU-like
     w_q = random_int8(rng, (3072, 16))
-    assert gemm._float32_sums(x_q, w_q) is not None
+    assert gemm._float32_sums(x_q, gemm._as_float32(w_q)) is not None
     np.testing.assert_array_equal(int8_gemm(x_q, w_q), int8_gemm_reference(x_q, w_q))
-    assert gemm._float32_sums(random_int8(rng, (8, 3072)), w_q) is None
+    assert gemm._float32_sums(random_int8(rng, (8, 3072)), gemm._as_float32(w_q)) is None
 
 
 # ----------------------------------------------------------------------------------------
