@@ -262,10 +262,14 @@ def row_ranges(rows: int, n: int) -> list:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-# Below these sizes, handing work to other threads costs more than it saves (a hand-off
-# takes about 0.1 ms on a 2-core VM; measured with benchmarks/forward.py's shapes).
+# Below these sizes minisq leaves the work to one thread, or to BLAS's own threads (a
+# hand-off to a thread takes about 0.1 ms on a 2-core VM; measured with the shapes of
+# benchmarks/forward.py). A product with few rows is better split by BLAS, which cuts the
+# weight's columns so that each thread streams only its part; rows cut by minisq pay off
+# in a long prompt's forward, where they keep BLAS's spinning workers off the cores.
 PARALLEL_MIN_ELEMENTS = 1 << 19   # elements of an elementwise pass (or attention scores)
 PARALLEL_MIN_WORK = 1 << 26       # multiply-adds of a matrix product (about 1 ms on one core)
+PARALLEL_MIN_ROWS = 256           # rows of a matrix product per thread
 
 
 def split_rows(fn, x, out):
@@ -289,18 +293,17 @@ def split_rows(fn, x, out):
 def row_blocks(rows: int, work: int) -> list:
     """How :func:`run_row_blocks` cuts a job of ``rows`` independent rows and ``work``
     multiply-adds: one ``(start, stop)`` range per thread, or one range for all the rows when
-    the job is too small to be worth sharing (or has fewer than two rows per thread)."""
+    the job is too small to be worth sharing (see ``PARALLEL_MIN_ROWS``)."""
     threads = cpu_threads()
-    if threads == 1 or rows < 2 * threads or work < PARALLEL_MIN_WORK:
+    if threads == 1 or rows < PARALLEL_MIN_ROWS * threads or work < PARALLEL_MIN_WORK:
         return [(0, rows)]
     return row_ranges(rows, threads)
 
 
-def run_row_blocks(fn, rows: int, work: int) -> None:
-    """``fn((start, stop))`` over the row blocks of :func:`row_blocks`: with several, each on
+def run_row_blocks(fn, blocks: list) -> None:
+    """``fn((start, stop))`` over row blocks from :func:`row_blocks`: with several, each on
     its own thread and every BLAS call on one thread (:func:`one_blas_thread`); with one, a
     plain call, where BLAS uses its own threads as usual. ``fn`` writes only its rows."""
-    blocks = row_blocks(rows, work)
     if len(blocks) == 1:
         fn(blocks[0])
         return
@@ -330,5 +333,5 @@ def matmul_rows(a, b, bias=None):
         if bias is not None:
             y[r[0]:r[1]] += bias          # in place: no second array of y's size
 
-    run_row_blocks(rows, M, M * K * b.shape[1])
+    run_row_blocks(rows, row_blocks(M, M * K * b.shape[1]))
     return y

@@ -162,8 +162,11 @@ def _float32_sums(a, b32, out=None):
 _WORKSPACE = threading.local()
 
 
-def _as_float32(b):
+def _as_float32(b, threaded: bool = False):
     # [K, N] int8 -> [K, N] float32, in this thread's buffer for the shape (valid until the next call)
+    # threaded=True converts with the rows over the cores: for a GEMM minisq then also shares
+    # out itself (a GEMM left to BLAS's own threads leaves them spinning, and a threaded
+    # conversion right after would fight them for the cores)
     if b.ndim != 2:
         return b.astype(np.float32)
     buffers = getattr(_WORKSPACE, "buffers", None)
@@ -174,7 +177,10 @@ def _as_float32(b):
         if len(buffers) >= 8:
             buffers.clear()
         buf = buffers[b.shape] = np.empty(b.shape, np.float32)
-    backend.split_rows(_copy_into, b, buf)   # int8 -> float32, exact; rows over the cores
+    if threaded:
+        backend.split_rows(_copy_into, b, buf)   # int8 -> float32, exact
+    else:
+        np.copyto(buf, b, casting="unsafe")
     return buf
 
 
@@ -614,7 +620,8 @@ def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32)
     M = math.prod(lead)
     a2 = a_q.reshape(M, K)                                      # [M, K]
     r = r.reshape(M, 1) if r.ndim else r                        # [M, 1] per token, or one scalar
-    b32 = _as_float32(b_view)                                   # [K, N] float32 (exact), shared
+    blocks = backend.row_blocks(M, M * K * N)                  # one per thread, or one for all
+    b32 = _as_float32(b_view, threaded=len(blocks) > 1)         # [K, N] float32 (exact), shared
     y = np.empty((M, N), compute)                               # [M, N]
 
     def rows(i):
@@ -628,7 +635,7 @@ def int8_linear(a_q, b_q, row_scale, col_scale, bias=None, out_dtype=np.float32)
             np.copyto(y_rows, sums, casting="unsafe")           # exact for float64; as astype for float32
         _epilogue_cpu(y_rows, r[i0:i1] if r.ndim else r, c, b)
 
-    backend.run_row_blocks(rows, M, M * K * N)
+    backend.run_row_blocks(rows, blocks)
     y = y.reshape(lead + (N,))
     return y if y.dtype == dtype else y.astype(dtype)
 

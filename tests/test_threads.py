@@ -26,6 +26,7 @@ def threads(monkeypatch):
         monkeypatch.setattr(backend, "cpu_threads", lambda: n)
         monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 1 << 12)
         monkeypatch.setattr(backend, "PARALLEL_MIN_WORK", 1 << 16)
+        monkeypatch.setattr(backend, "PARALLEL_MIN_ROWS", 2)
     return use
 
 
@@ -241,5 +242,6 @@ def test_int8_linear_on_threads_when_one_block_of_rows_needs_the_k_blocks(thread
 def test_the_weight_converts_to_float32_exactly_on_threads(threads):
     w = np.random.default_rng(5).integers(-128, 128, (1024, 768), dtype=np.int8)
     threads(3)
+    np.testing.assert_array_equal(gemm._as_float32(w, threaded=True), w.astype(np.float32))
     np.testing.assert_array_equal(gemm._as_float32(w), w.astype(np.float32))
 
