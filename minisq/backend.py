@@ -1,10 +1,14 @@
-"""The one module that knows about the GPU.
+"""The one module that knows about the GPU (and about the CPU's threads).
 
 Everything else in minisq takes whatever array it is handed and asks this module for the
 matching array module (``numpy`` or ``cupy``) with :func:`get_array_module`. CuPy is
 imported lazily and only here; importing minisq never fails because CuPy or the CUDA
 libraries are missing. Note that ``import cupy`` succeeds on machines without a GPU and
 the first array operation fails, so :func:`gpu_available` really asks the driver.
+
+On the CPU, NumPy runs each elementwise pass on one core; :func:`run_parallel` and the
+helpers after it share rows (or attention's heads) out over the cores with a small pool of
+threads, and hold NumPy's OpenBLAS at one thread meanwhile (:func:`one_blas_thread`).
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ def cublas_handle() -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# CPU: the BLAS thread count
+# CPU: minisq's own threads (NumPy's elementwise work runs on one core unless shared out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,7 +139,7 @@ def _openblas_thread_api():
 
     NumPy's wheels bundle OpenBLAS as a shared library in the process (``scipy_openblas``
     symbols since NumPy 2, plain ``openblas_*`` in other builds); other BLAS libraries (MKL,
-    Accelerate) give None, and :func:`blas_threads` is then a no-op.
+    Accelerate) give None, and :func:`one_blas_thread` is then a no-op.
     """
     import ctypes  # noqa: PLC0415
     import glob  # noqa: PLC0415
@@ -178,7 +182,9 @@ def one_blas_thread():
     calling BLAS on one thread: OpenBLAS's own workers, once woken, spin for about 0.1 s
     after every product, and on a small machine that spinning takes the very cores the
     elementwise passes that follow need. The setting is process-wide; blocks may nest and
-    may run in several threads at once (they are counted under a lock).
+    may run in several threads at once (they are counted under a lock). With another BLAS
+    (MKL, Accelerate) nothing is changed: limit its threads yourself (``MKL_NUM_THREADS=1``)
+    if minisq's threads and its threads oversubscribe the cores.
     """
     api = _openblas_thread_api()
     if api is None:
@@ -263,13 +269,15 @@ def row_ranges(rows: int, n: int) -> list:
 
 
 # Below these sizes minisq leaves the work to one thread, or to BLAS's own threads (a
-# hand-off to a thread takes about 0.1 ms on a 2-core VM; measured with the shapes of
-# benchmarks/forward.py). A product with few rows is better split by BLAS, which cuts the
-# weight's columns so that each thread streams only its part; rows cut by minisq pay off
-# in a long prompt's forward, where they keep BLAS's spinning workers off the cores.
+# hand-off to a thread takes about 0.1 ms on a 2-core VM). A product of fewer rows is done
+# better by BLAS, which cuts the weight's columns so that each thread streams only its
+# part; from 64 rows per thread on, rows cut by minisq are within 5-15% of BLAS's own
+# split on GPT-2's shapes, and they keep BLAS's workers asleep: once woken, those spin for
+# about 0.1 s after every product, on the cores that minisq's elementwise threads need
+# (in a forward pass that mixed the two, products ran up to 2x slower).
 PARALLEL_MIN_ELEMENTS = 1 << 19   # elements of an elementwise pass (or attention scores)
-PARALLEL_MIN_WORK = 1 << 26       # multiply-adds of a matrix product (about 1 ms on one core)
-PARALLEL_MIN_ROWS = 256           # rows of a matrix product per thread
+PARALLEL_MIN_WORK = 1 << 24       # multiply-adds of a matrix product (about 0.3 ms on one core)
+PARALLEL_MIN_ROWS = 64            # rows of a matrix product per thread
 
 
 def split_rows(fn, x, out):

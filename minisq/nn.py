@@ -243,15 +243,17 @@ def _attention_block(q, k, v, bias, scale: float, from_key: int = 0):
 def all_finite(x) -> bool:
     """True when no element of x is NaN or ±inf.
 
-    One matrix-vector product ``x · 1`` first (BLAS: multi-threaded, no temporary of x's
-    size): a NaN or infinity anywhere makes its row sum NaN or infinite, so a finite result
-    proves every element finite. Only when it is not (a bad value, or a row sum that
-    overflowed by itself) does the exact elementwise test decide.
+    One matrix-vector product ``x · 1`` first (BLAS, no temporary of x's size): a NaN or
+    infinity anywhere makes its row sum NaN or infinite, so a finite result proves every
+    element finite. Only when it is not (a bad value, or a row sum that overflowed by
+    itself) does the exact elementwise test decide. On one BLAS thread: this memory-bound
+    product gains little from more, and OpenBLAS's woken workers would spin on the cores
+    that the next forward's threads need (see :func:`minisq.backend.one_blas_thread`).
     """
     # [..., N] float -> bool
     xp = get_array_module(x)
     if x.size == 0:
         return True
-    with np.errstate(over="ignore", invalid="ignore"):  # an inf/NaN sum is the answer, not news
+    with np.errstate(over="ignore", invalid="ignore"), backend.one_blas_thread():  # an inf/NaN sum is the answer
         rows = x.reshape(-1, x.shape[-1]) @ xp.ones(x.shape[-1], dtype=x.dtype)   # [M]
     return bool(xp.isfinite(rows).all()) or bool(xp.isfinite(x).all())

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .. import nn
+from .. import backend, nn
 from ..backend import get_array_module
 from ..config import ModelConfig, _get
 from ..errors import ConfigError
@@ -171,17 +171,35 @@ def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) ->
 
 def rms_norm(x, g, eps: float):
     # [..., C], [C] -> [..., C]:  x / sqrt(mean(x²) + eps) · g   (no mean subtracted, no bias)
+    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
     xp = get_array_module(x)
-    y = x * (1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + x.dtype.type(eps)))
-    return g * y
+    return backend.split_rows(lambda xs, ys: _rms_norm_into(xs, g, eps, ys), x, xp.empty(x.shape, x.dtype))
+
+
+def _rms_norm_into(x, g, eps: float, y):
+    # [..., C], [C], [..., C] -> y: rms_norm(x, g, eps); mean(x²) by einsum (no squared temporary)
+    xp = get_array_module(x)
+    mean_sq = xp.einsum("...c,...c->...", x, x)[..., None] / x.dtype.type(x.shape[-1])   # [..., 1]
+    xp.multiply(x, 1 / xp.sqrt(mean_sq + x.dtype.type(eps)), out=y)
+    y *= g
+    return y
 
 
 def silu(x):
-    # [...] -> [...]: x · sigmoid(x), with exp(-|x|) so that no exp overflows
+    # [...] -> [...]: x · sigmoid(x) = x / (1 + exp(-x)); on the CPU over all cores
     xp = get_array_module(x)
-    e = xp.exp(-xp.abs(x))
-    one = x.dtype.type(1)
-    return x * xp.where(x >= 0, one / (one + e), e / (one + e))
+    return backend.split_rows(_silu_into, x, xp.empty_like(x))
+
+
+def _silu_into(x, out):
+    # [...], [...] -> out: silu(x) in 4 elementwise passes. exp(-x) overflows to inf for x
+    # below about -88 (float32): x / inf = -0, the right limit, so that warning is silenced.
+    xp = get_array_module(x)
+    e = xp.negative(x, out=out)
+    with np.errstate(over="ignore"):
+        xp.exp(e, out=e)
+    e += x.dtype.type(1)
+    return xp.divide(x, e, out=e)
 
 
 def inverse_frequencies(rope: dict, D: int, seq_len: int = 0) -> np.ndarray:
@@ -279,7 +297,9 @@ def block(model, i, layer, x, bias, m, cache, positions=None):
     a = _self_attention(model, q, k, v, cache, i, bias, D ** -0.5, m, kv_heads=G)
     x = x + attn["o_proj"](a, m)
     h = rms_norm(x, layer["post_attention_layernorm"]["g"], cfg.layer_norm_eps)
-    return x + mlp["down_proj"](silu(mlp["gate_proj"](h, m)) * mlp["up_proj"](h, m), m)  # [B, T, F] inside
+    gated = silu(mlp["gate_proj"](h, m))                                          # [B, T, F], a fresh array
+    gated *= mlp["up_proj"](h, m)                                                 # SwiGLU, in place
+    return x + mlp["down_proj"](gated, m)
 
 
 def head(model, x, m):
