@@ -1,4 +1,5 @@
-"""What a CPU benchmark is running on: the CPU model, the BLAS library and its kernel, the load."""
+"""What a CPU benchmark is running on (the CPU model, the BLAS library and its kernel, the
+load), and how the CPU benchmarks time two sides against each other (in turns, one process)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ctypes
 import glob
 import os
 import platform
+import statistics
+import time
 
 import numpy as np
 
@@ -51,3 +54,29 @@ def load() -> str:
         return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "load average unknown"
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Wall times of each function, run round-robin after one warm-up each (so that a change
+    in the machine's load hits every side)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def print_ratio(times: dict, labels: dict, top: str, bottom: str, target: str, digits: int = 2) -> None:
+    """Each side's best and median time (``labels``: name -> printed label, in print order),
+    then ``top`` over ``bottom``: best-to-best, median-to-median and the range of the
+    pairwise ratios, with the target."""
+    for name, label in labels.items():
+        print(f"{label:<18} best {min(times[name]) * 1e3:8.1f} ms   median {statistics.median(times[name]) * 1e3:8.1f} ms")
+    pairs = [a / b for a, b in zip(times[top], times[bottom])]
+    print(f"ratio {top} / {bottom} = {min(times[top]) / min(times[bottom]):.{digits}f}x best-to-best, "
+          f"{statistics.median(times[top]) / statistics.median(times[bottom]):.{digits}f}x median-to-median, "
+          f"pairwise {min(pairs):.2f}-{max(pairs):.2f}x  (target {target})")

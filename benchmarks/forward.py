@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _machine  # noqa: E402
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Wall times of each function, run round-robin after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
@@ -68,20 +53,14 @@ def main() -> None:
             hf(ids_t)
 
     load_before = _machine.load()
-    t = interleaved({"minisq": lambda: model(ids), "torch": run_torch}, args.repeats)
+    t = _machine.interleaved({"minisq": lambda: model(ids), "torch": run_torch}, args.repeats)
     print(f"GPT-2 small shapes (random weights), 1 x {args.tokens} tokens, fp32, same process, "
           f"{args.repeats} interleaved repeats")
     print(f"CPU: {_machine.cpu_model()}; BLAS: {_machine.blas_kernel()}; torch {torch.__version__} "
           f"threads={torch.get_num_threads()}")
     print(f"{load_before} before, {_machine.load()} after")
     print(f"max |logits diff| = {err:.2e}")
-    for name, label in (("minisq", "minisq (NumPy)"), ("torch", "transformers")):
-        print(f"{label:<18} best {min(t[name]) * 1e3:8.1f} ms   median {statistics.median(t[name]) * 1e3:8.1f} ms")
-    ratios = [a / b for a, b in zip(t["minisq"], t["torch"])]
-    print(f"ratio minisq / torch = {min(t['minisq']) / min(t['torch']):.2f}x best-to-best, "
-          f"{statistics.median(t['minisq']) / statistics.median(t['torch']):.2f}x median-to-median, "
-          f"pairwise {min(ratios):.2f}-{max(ratios):.2f}x  (target <= 1.0)")
-
+    _machine.print_ratio(t, {"minisq": "minisq (NumPy)", "torch": "transformers"}, "minisq", "torch", "<= 1.0")
 
 if __name__ == "__main__":
     main()

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 
 import numpy as np
 
+import _machine  # benchmarks/ (this script's folder)
 from minisq import backend
 from minisq.gemm import int8_bmm, int8_bmm_reference, int8_gemm, int8_gemm_loops, int8_gemm_reference
 
@@ -72,15 +72,7 @@ def random_int8(rng, shape):
 
 def interleaved_best(fns: dict, repeats: int) -> dict:
     """Best wall time of each function, running them round-robin so load changes hit all."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(t) for name, t in times.items()}
+    return {name: min(t) for name, t in _machine.interleaved(fns, repeats).items()}
 
 
 # ----------------------------------------------------------------------------------------

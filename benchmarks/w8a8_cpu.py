@@ -24,7 +24,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _machine  # noqa: E402
-from forward import interleaved  # noqa: E402
 
 
 def check(model, qmodel, ids) -> None:
@@ -120,20 +119,17 @@ def main() -> None:
     check(model, qmodel, ids)
 
     load_before = _machine.load()
-    t = interleaved({"float": lambda: model(ids), "int": lambda: qmodel(ids)}, args.repeats)
+    t = _machine.interleaved({"float": lambda: model(ids), "int": lambda: qmodel(ids)}, args.repeats)
     print(f"SYNTHETIC GPT-2-small-shaped model, 1 x {args.tokens} tokens, fp32, same process, "
           f"{args.repeats} interleaved repeats; W8A8 = quantize(model, 'O1'), path='int'")
     print(f"CPU: {_machine.cpu_model()}; BLAS: {_machine.blas_kernel()}")
     print(f"{load_before} before, {_machine.load()} after")
-    for name, label in (("float", "float32 forward"), ("int", "W8A8 O1 integer")):
-        print(f"{label:<18} best {min(t[name]) * 1e3:8.1f} ms   median {statistics.median(t[name]) * 1e3:8.1f} ms")
-    ratios = [a / b for a, b in zip(t["int"], t["float"])]
-    print(f"ratio int / float = {min(t['int']) / min(t['float']):.3f}x best-to-best, "
-          f"{statistics.median(t['int']) / statistics.median(t['float']):.3f}x median-to-median, "
-          f"pairwise {min(ratios):.2f}-{max(ratios):.2f}x  (target <= 1.15)")
+    _machine.print_ratio(t, {"float": "float32 forward", "int": "W8A8 O1 integer"}, "int", "float", "<= 1.15",
+                         digits=3)
 
     if args.profile:
         stages(model, qmodel, ids)
+
 
 if __name__ == "__main__":
     main()
