@@ -94,8 +94,7 @@ def _gelu_tanh_into(x, out):
     # [...], [...] -> out: gelu_tanh(x), computed as x · sigmoid(2u) = x / (1 + exp(-2u)),
     # u = sqrt(2/pi) (x + 0.044715 x^3): the same function (0.5 (1 + tanh u) = sigmoid(2u))
     # in 7 elementwise passes instead of 9, and without the cancellation in 1 + tanh(u) for
-    # negative x. exp(-2u) overflows to inf for x below about -10: x / inf = -0, the right
-    # limit, so that warning is silenced.
+    # negative x.
     xp = get_array_module(x)
     t = x.dtype.type
     c = math.sqrt(2.0 / math.pi)
@@ -103,9 +102,17 @@ def _gelu_tanh_into(x, out):
     e *= t(-2.0 * c * 0.044715)
     e -= t(2.0 * c)
     e *= x                                     # -2u
+    return times_sigmoid_into(x, e)
+
+
+def times_sigmoid_into(x, e):
+    # [...], [...] -> e: x · sigmoid(s) = x / (1 + exp(-s)), given e = -s, overwritten in place
+    # (3 passes). exp(-s) overflows to inf where s is very negative: x / inf = -0, the right
+    # limit, so that warning is silenced. GELU (s = 2u) and SiLU (s = x) end with this.
+    xp = get_array_module(x)
     with np.errstate(over="ignore"):
         xp.exp(e, out=e)
-    e += t(1.0)
+    e += x.dtype.type(1)
     return xp.divide(x, e, out=e)
 
 
