@@ -51,6 +51,7 @@ import numpy as np
 from .backend import get_array_module
 from .errors import ConfigError, ShapeError
 from .gemm import dequant_epilogue, int8_bmm, int8_gemm
+from .nn import Int8WeightShape
 from .quant import dequantize, quantize_per_token
 
 # The paper's baselines as presets of minisq.quantize (SmoothQuant Tables 1 and 4), beside
@@ -77,7 +78,7 @@ def _add_bias(y, b):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class W8A16Linear:
+class W8A16Linear(Int8WeightShape):
     """Weight-only INT8: int8 weight ``w_q`` ``[C_in, C_out]`` with per-channel ``[1, C_out]``
     (or per-tensor, 0-d) scales, float activations: ``y = x @ (W̄ · Δw) + b``.
 
@@ -89,14 +90,6 @@ class W8A16Linear:
     w_scale: object
     b: object = None
     path: str = "int"
-
-    @property
-    def in_features(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_q.shape[1]
 
     def __call__(self, x, mask=None):
         # [..., T, C_in] float, mask unused -> [..., T, C_out] float (same dtype as x)
@@ -157,7 +150,7 @@ def largest_group_size(model, at_most: int = 128, skip=()) -> int:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GroupW8A8Linear:
+class GroupW8A8Linear(Int8WeightShape):
     """ZeroQuant's W8A8: int8 ``w_q`` ``[C_in, C_out]`` with group-wise scales ``w_scale``
     ``[G, C_out]`` (groups of ``C_in / G`` consecutive input channels), dynamic per-token
     activations. ``path="int"``: one batched INT8 GEMM over the G groups, each group's int32
@@ -169,14 +162,6 @@ class GroupW8A8Linear:
     w_scale: object
     b: object = None
     path: str = "int"
-
-    @property
-    def in_features(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_q.shape[1]
 
     @property
     def groups(self) -> int:
@@ -243,7 +228,7 @@ def outlier_channels(x, mask=None, threshold: float = 6.0):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LLMInt8Linear:
+class LLMInt8Linear(Int8WeightShape):
     """LLM.int8(): int8 ``w_q`` ``[C_in, C_out]`` with per-channel scales ``[1, C_out]``;
     per-token activations over the regular channels; the outlier channels (see
     :func:`outlier_channels`) multiplied in float by the dequantized int8 rows:
@@ -258,14 +243,6 @@ class LLMInt8Linear:
     b: object = None
     threshold: float = 6.0
     path: str = "int"
-
-    @property
-    def in_features(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_q.shape[1]
 
     def outlier_channels(self, x, mask=None):
         # [..., T, C_in] float, [..., T] -> [..., 1, C_in] bool

@@ -51,6 +51,19 @@ class Linear:
         return linear(x, self.w, self.b)
 
 
+class Int8WeightShape:
+    """The widths of a quantized leaf that holds its int8 weight as ``w_q`` ``[C_in, C_out]``
+    (W8A8, W8A16, ZeroQuant, LLM.int8() leaves), as :class:`Linear` gives them for ``w``."""
+
+    @property
+    def in_features(self) -> int:
+        return self.w_q.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.w_q.shape[1]
+
+
 def linear(x, w, b=None):
     # [..., C_in], [C_in, C_out], [C_out] -> [..., C_out]
     # One 2-D matmul over all tokens: NumPy would treat [B, T, C_in] @ w as B separate

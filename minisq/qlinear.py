@@ -65,7 +65,7 @@ from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import int8_bmm, int8_linear, pack_weight_tn
-from .nn import Linear, merge_heads, softmax, split_heads
+from .nn import Int8WeightShape, Linear, merge_heads, softmax, split_heads
 from .storage import materialize
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
@@ -88,7 +88,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class W8A8Linear:
+class W8A8Linear(Int8WeightShape):
     """A linear layer with int8 weights and int8 activations.
 
     ``w_q`` int8 ``[C_in, C_out]``; ``w_scale`` ``[1, C_out]`` (per-channel) or 0-d
@@ -114,14 +114,6 @@ class W8A8Linear:
         object.__setattr__(self, "w_packed", packed)
         if packed is not None:
             object.__setattr__(self, "w_q", packed.view())
-
-    @property
-    def in_features(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.w_q.shape[1]
 
     @property
     def weights(self) -> str:
