@@ -4,7 +4,6 @@ load), and how the CPU benchmarks time two sides against each other (in turns, o
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import platform
 import statistics
@@ -31,17 +30,13 @@ def blas_kernel() -> str:
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                       "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
                     if k in os.environ) or "no OPENBLAS_* overrides"
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
-                config = getattr(lib, f"{prefix}_get_config{suffix}", None)
-                if core is not None and config is not None:
-                    core.restype = config.restype = ctypes.c_char_p
-                    version = config().decode().split()[1]
-                    return f"OpenBLAS {version}, kernel {core().decode()} ({env})"
+    from minisq import backend  # the OpenBLAS that NumPy loaded, found as minisq finds it
+
+    core, config = backend.openblas_function("get_corename"), backend.openblas_function("get_config")
+    if core is not None and config is not None:
+        core.restype = config.restype = ctypes.c_char_p
+        version = config().decode().split()[1]
+        return f"OpenBLAS {version}, kernel {core().decode()} ({env})"
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         return f"{blas.get('name')} {blas.get('version')} ({env})"

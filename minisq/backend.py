@@ -134,16 +134,12 @@ def cublas_handle() -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _openblas_thread_api():
-    """(get_num_threads, set_num_threads) of the OpenBLAS that NumPy uses, or None.
-
-    NumPy's wheels bundle OpenBLAS as a shared library in the process (``scipy_openblas``
-    symbols since NumPy 2, plain ``openblas_*`` in other builds); other BLAS libraries (MKL,
-    Accelerate) give None, and :func:`one_blas_thread` is then a no-op.
-    """
+def _openblas_libraries() -> tuple:
+    """The OpenBLAS shared libraries NumPy may use, loaded with ctypes (none for MKL or
+    Accelerate). NumPy's wheels bundle OpenBLAS in the process: the ones already loaded are
+    read from ``/proc/self/maps`` (Linux), then the wheel's own folders are looked in."""
     import ctypes  # noqa: PLC0415
     import glob  # noqa: PLC0415
-    import os  # noqa: PLC0415
 
     paths = []
     try:
@@ -154,19 +150,40 @@ def _openblas_thread_api():
     root = os.path.dirname(np.__file__)
     paths += glob.glob(os.path.join(root, "..", "numpy.libs", "*openblas*")) + glob.glob(
         os.path.join(root, ".dylibs", "*openblas*"))
+    libs = []
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            libs.append(ctypes.CDLL(path))
         except OSError:
             continue
+    return tuple(libs)
+
+
+@functools.lru_cache(maxsize=None)
+def openblas_function(name: str):
+    """OpenBLAS's C function ``name`` (e.g. ``"get_num_threads"``) as a ctypes function, or
+    None: ``scipy_openblas_<name>64_`` since NumPy 2, plain ``openblas_<name>`` in other
+    builds. The caller sets its ``restype`` / ``argtypes``."""
+    for lib in _openblas_libraries():
         for prefix in ("scipy_openblas", "openblas"):
             for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                    return get, set_
+                fn = getattr(lib, f"{prefix}_{name}{suffix}", None)
+                if fn is not None:
+                    return fn
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_api():
+    """(get_num_threads, set_num_threads) of the OpenBLAS that NumPy uses, or None (other
+    BLAS libraries: MKL, Accelerate; :func:`one_blas_thread` is then a no-op)."""
+    import ctypes  # noqa: PLC0415
+
+    get, set_ = openblas_function("get_num_threads"), openblas_function("set_num_threads")
+    if get is None or set_ is None:
+        return None
+    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+    return get, set_
 
 
 _BLAS_LOCK = threading.Lock()
