@@ -240,7 +240,7 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
     observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
     n_tokens = sum(int(ids.size) for ids in seqs)
     if model.lazy:   # memory-mapped: every layer over every sequence, each layer read once
-        from .stream import forward_layerwise
+        from .pipeline import forward_layerwise
         for _ in forward_layerwise(observed, [(ids, None) for ids in seqs], progress, "calibrating"):
             pass
     else:

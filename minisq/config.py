@@ -94,7 +94,7 @@ class ModelConfig:
         return cls(**d)
 
 
-def _get(raw: dict, key: str, default=None, required: bool = False, source: str = ""):
+def read_field(raw: dict, key: str, default=None, required: bool = False, source: str = ""):
     if key not in raw or raw[key] is None:
         if required:
             raise ConfigError(f"{source}: config.json has no {key!r}, which a {raw.get('model_type')} model needs")
@@ -102,7 +102,7 @@ def _get(raw: dict, key: str, default=None, required: bool = False, source: str 
     return raw[key]
 
 
-def _check_activation(name: str, source: str) -> str:
+def check_activation(name: str, source: str) -> str:
     if name not in ACTIVATIONS:
         raise ConfigError(
             f"{source}: activation_function {name!r} is not supported; minisq implements {sorted(ACTIVATIONS)}"
@@ -110,7 +110,7 @@ def _check_activation(name: str, source: str) -> str:
     return name
 
 
-def _validate(cfg: ModelConfig, source: str) -> ModelConfig:
+def validate(cfg: ModelConfig, source: str) -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

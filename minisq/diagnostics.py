@@ -7,7 +7,7 @@
   its output on real calibration inputs (SQNR in dB and relative error).
 * :func:`sqnr_db` and :func:`logit_error` compare two arrays of outputs.
 
-The course's grading assertions, built on these, are in :mod:`minisq.grading`.
+The course's grading assertions, built on these, are in :mod:`minisq.course.grading`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
 from .families import family_for
-from .storage import is_stored, materialize
+from .io.storage import is_stored, materialize
 from .tree import _map, _map_arrays, _walk, get_param, is_linear_leaf, replace_param  # noqa: F401
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -144,7 +144,7 @@ class Model:
     @property
     def stored(self) -> bool:
         """True when weights are kept as stored (float16/bfloat16 or memory-mapped) and widened
-        to the compute dtype layer by layer (see :mod:`minisq.storage`)."""
+        to the compute dtype layer by layer (see :mod:`minisq.io.storage`)."""
         return is_stored(self._embedding())
 
     @property
@@ -361,8 +361,8 @@ class Model:
 
     def save(self, folder):
         """Write this model (float, smoothed or quantized) to ``folder``; reload it with
-        ``minisq.load(folder)``. See :mod:`minisq.export`."""
-        from .export import save_model
+        ``minisq.load(folder)``. See :mod:`minisq.io.export`."""
+        from .io.export import save_model
 
         return save_model(self, folder)
 

@@ -66,7 +66,7 @@ from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, c
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import int8_bmm, int8_linear, pack_weight_tn
 from .nn import Int8WeightShape, Linear, merge_heads, softmax, split_heads
-from .storage import materialize
+from .io.storage import materialize
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
     quantize_per_tensor, quantize_per_token,

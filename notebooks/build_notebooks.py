@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 
 import minisq
 from minisq import plots
-from minisq.data import data_dir
+from minisq.eval.data import data_dir
 from minisq.smooth import mappings_for
 
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -90,7 +90,7 @@ ids every variant would be equally lost.
 %% code
 T = min(128, model.config.max_positions)  # tokens per sequence
 if model.tokenizer is not None and DATA is not None:
-    texts = minisq.data.calibration_texts(n=8, data_dir=DATA)
+    texts = minisq.eval.data.calibration_texts(n=8, data_dir=DATA)
     calib = [np.asarray(model.tokenizer.encode(t))[:T] for t in texts]
     TOKENS = "8 WikiText-2 paragraphs (real text)"
 else:
@@ -807,7 +807,7 @@ N_LAMBADA = 100                             # LAMBADA passages (with data and a 
 ALPHA = 0.5
 
 if model.tokenizer is not None and DATA is not None:
-    eval_ids = np.asarray(model.tokenizer.encode(minisq.data.wikitext2("test", data_dir=DATA)))
+    eval_ids = np.asarray(model.tokenizer.encode(minisq.eval.data.wikitext2("test", data_dir=DATA)))
     EVAL = "WikiText-2 test (real text)"
 else:
     n_seq = -(-(EVAL_TOKENS or 2048) // SEQ_LEN)
@@ -906,7 +906,7 @@ greedy decoding gets every token of its last word. It needs the data folder and 
 tokenizer, so the synthetic model skips it.
 %% code
 if DATA is not None and model.tokenizer is not None:
-    passages = minisq.data.lambada(data_dir=DATA)[:N_LAMBADA]
+    passages = minisq.eval.data.lambada(data_dir=DATA)[:N_LAMBADA]
     for label, m in [("float", model), ("W8A8 naive", qmodels["naive", "plain"]),
                      ("SmoothQuant-O3", qmodels["O3", "smoothed"])]:
         print(f"LAMBADA accuracy, {label:15s}: {minisq.lambada_accuracy(m, passages, progress=False):.3f} "
@@ -1183,7 +1183,7 @@ from minisq.qlinear import DEFAULT_SKIP, describe
 # Evaluation tokens: WikiText-2 for a real model with data, else SYNTHETIC samples of the float model.
 SEQ_LEN = min(model.config.max_positions, 128 if SYNTHETIC else 512)
 if model.tokenizer is not None and DATA is not None:
-    eval_ids = np.asarray(model.tokenizer.encode(minisq.data.wikitext2("test", data_dir=DATA)))[:4 * SEQ_LEN]
+    eval_ids = np.asarray(model.tokenizer.encode(minisq.eval.data.wikitext2("test", data_dir=DATA)))[:4 * SEQ_LEN]
     EVAL = "WikiText-2 test (real text)"
 else:
     prompts = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(4, 1))
@@ -1492,7 +1492,7 @@ batches go through the same block code in the same order, it is **bit-identical*
     quantize(smooth(m, calibrate(m, calib), α), "O3", stats=calibrate(smoothed, calib))
 
 Killed at any point, the same call resumes after the last finished layer. The command-line
-form is `python -m minisq.quantize SRC DST --preset O3 --alpha 0.5`.
+form is `minisq quantize SRC DST --preset O3 --alpha 0.5`.
 %% code
 calib = list(np.random.default_rng(2).integers(0, eager.config.vocab_size, size=(4, 64)))
 dst = minisq.quantize_checkpoint(CHECKPOINT, work / "sq-o3", calib, preset="O3", alpha=0.5, progress=True)

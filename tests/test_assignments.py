@@ -1,10 +1,10 @@
-"""The course in assignments/ (issue 6): graders against answers, stubs, mistakes; new checks.
+"""The course in assignments/: graders against answers, stubs, mistakes; new checks.
 
 Every grader runs in a subprocess (one per answer set, in parallel) and reports its outcome
 per task marker as JSON (the graders' ``--task-report``): the reference solutions pass every
 task, the generated stubs fail every test of every task, and each planted mistake in
 ``wrong.py`` fails exactly its own task with a message that names the mistake. Then
-``make_stubs.py --check``, and unit tests of the ``minisq.grading`` functions the graders use.
+``make_stubs.py --check``, and unit tests of the ``minisq.course.grading`` functions the graders use.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import minisq
-from minisq import grading as check
+from minisq.course import grading as check
 from minisq.config import ModelConfig
 from minisq.gemm import int8_gemm_reference
 from minisq.nn import Linear
@@ -179,7 +179,7 @@ def test_stubs_keep_signatures_docstrings_and_raise(folder):
         assert "NotImplementedError" not in inspect.getsource(ref)
 
 
-# --- the minisq.grading functions the graders use ---------------------------------------------------
+# --- the minisq.course.grading functions the graders use ---------------------------------------------------
 
 def _x(shape, dtype=np.float32, seed=0):
     x = np.random.default_rng(seed).standard_normal(shape)

@@ -1,5 +1,5 @@
 """The paper's comparison: W8A16, ZeroQuant, LLM.int8(), per-channel activations and an INT8
-KV cache beside SmoothQuant (issue 13). Each is held against its definition: an independent
+KV cache beside SmoothQuant. Each is held against its definition: an independent
 integer computation, or another preset it must equal at a limit."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""A result never depends on what a sequence was batched with (issue 11).
+"""A result never depends on what a sequence was batched with.
 
 Dynamic per-tensor scales are per sequence over its real tokens; padding never enters a
 scale or a statistic; the evaluators give the same numbers for every batch size.
@@ -9,7 +9,7 @@ import pytest
 
 import minisq
 from minisq.calibrate import calibrate
-from minisq.evaluate import last_word_correct, perplexity
+from minisq.eval.evaluate import last_word_correct, perplexity
 from minisq.quant import quantize_per_sequence
 
 VARIANTS = [(p, bmm) for p in ("naive", "O1", "O2", "O3") for bmm in (False, True)] + [("O3", "static")]

@@ -1,5 +1,5 @@
 """Models bigger than memory: stored dtypes, lazy models, layer-outer evaluation, and the
-streamed, resumable quantize_checkpoint (issue 10). Scaled-down shapes; the full-size runs
+streamed, resumable quantize_checkpoint. Scaled-down shapes; the full-size runs
 are in benchmarks/memory.py."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.stream import _Run
+from minisq.pipeline import _Run
 
 torch = pytest.importorskip("torch")
 
@@ -289,7 +289,7 @@ def test_quantize_command_exit_codes(shared_data, tmp_path, make_checkpoint):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MINISQ_DATA_DIR": str(shared_data)}
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "minisq.quantize", *map(str, args)], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "minisq", "quantize", *map(str, args)], capture_output=True,
                               text=True, env=env, timeout=600)
 
     ok = run(folder, tmp_path / "q", "--calib-samples", "4", "--seq-len", "32")

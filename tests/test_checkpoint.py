@@ -1,4 +1,4 @@
-"""Tests of minisq.checkpoint (torch-free weight readers) and minisq.hub (finding a model folder).
+"""Tests of minisq.io.checkpoint (torch-free weight readers) and minisq.io.hub (finding a model folder).
 
 Oracles: the torch tensors of the transformers model that wrote each checkpoint, files
 written by torch.save and by the safetensors library, and torch.load(weights_only=True)
@@ -25,11 +25,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minisq.checkpoint import (
+from minisq.io.checkpoint import (
     WEIGHT_FILES, bf16_to_float32, read_pytorch_bin, read_safetensors, read_state_dict,
 )
 from minisq.errors import CheckpointError, UnsafePickleError
-from minisq.hub import HUB_BIN_FILES, HUB_FILES, resolve_model_dir
+from minisq.io.hub import HUB_BIN_FILES, HUB_FILES, resolve_model_dir
 
 LAYOUTS = ("safetensors", "sharded safetensors", "bin", "sharded bin")
 # Buffers that old GPT-2 pytorch_model.bin files carry: a causal mask and a scalar.
@@ -395,12 +395,14 @@ def test_zero_stride_tensors_are_refused_before_allocating(tmp_path):
 
 def test_unexpected_errors_become_checkpoint_errors(monkeypatch, small_safetensors, small_bin):
     """Whatever goes wrong inside a reader, the caller sees CheckpointError naming the file."""
-    import minisq.checkpoint
+    import minisq.io.checkpoint
+    import minisq.io.torch_bin
 
     def boom(*args):
         raise OverflowError("something nobody anticipated")
 
-    monkeypatch.setattr(minisq.checkpoint, "decode", boom)
+    monkeypatch.setattr(minisq.io.checkpoint, "decode", boom)
+    monkeypatch.setattr(minisq.io.torch_bin, "decode", boom)
     for read, path in [(read_safetensors, small_safetensors), (read_pytorch_bin, small_bin)]:
         with pytest.raises(CheckpointError, match="OverflowError") as err:
             read(path)

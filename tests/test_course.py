@@ -1,4 +1,4 @@
-"""The course as a student and an instructor meet it (issue 15).
+"""The course as a student and an instructor meet it.
 
 * Each handout states its rules as its grader checks them: an answer written from the handout
   alone (``tests/course_answers/``) passes the public and the hidden graders, and an answer that
@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisq import grading
+from minisq.course import grading
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
 ANSWERS = Path(__file__).resolve().parent / "course_answers"
 FOLDERS = ("a1_quantizers", "a2_int8_gemm", "a3_smoothing", "a4_w8a8_model")
 # Lines for one wrong function: pytest's header and footer plus the task table (24), then 3 per
-# failing test (its name, the grader's message, the grader line). Before issue 15 the same
-# mistake printed ~780 lines of tracebacks into minisq/check.py.
+# failing test (its name, the grader's message, the grader line), never pages of tracebacks.
 FIXED_LINES, LINES_PER_FAILURE = 24, 3
 
 

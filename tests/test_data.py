@@ -1,4 +1,4 @@
-"""minisq.data against the real WikiText-2 and LAMBADA files, and its error paths offline.
+"""minisq.eval.data against the real WikiText-2 and LAMBADA files, and its error paths offline.
 
 Every test that could reach the Hugging Face Hub sets HF_HUB_OFFLINE=1 and an empty HF_HOME
 (fixture ``offline_hub``), or replaces ``hf_hub_download`` with a fake: none touches the network.
@@ -76,7 +76,7 @@ def test_wikitext2_eval_string(shared_data, monkeypatch):
     pytest.importorskip("transformers")
     from transformers import GPT2Tokenizer
 
-    from minisq.tokenizer import load_tokenizer
+    from minisq.io.tokenizer import load_tokenizer
 
     monkeypatch.setenv("MINISQ_DATA_DIR", str(shared_data))
     text = data.wikitext2()  # the same as data.wikitext2("test", shared_data), through the variable

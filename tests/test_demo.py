@@ -1,4 +1,4 @@
-"""`python -m minisq.demo` end to end, offline (issue 5)."""
+"""`python -m minisq.demo` end to end, offline."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from minisq.demo import VARIANTS, main
+from minisq.cli.demo import VARIANTS, main
 
 FIGURES = ("activations.png", "channel_max.png", "layer_sqnr.png", "alpha_sweep.png", "landscape.png")
 
@@ -31,7 +31,7 @@ def _check_outputs(out, synthetic: bool) -> dict:
 
 
 def test_demo_on_the_synthetic_model_quick(tmp_path, capsys, monkeypatch):
-    """Offline, with no data folder at all: the packaged GPT-2 tokenizer decodes the text (issue 15)."""
+    """Offline, with no data folder at all: the packaged GPT-2 tokenizer decodes the text."""
     monkeypatch.delenv("MINISQ_DATA_DIR", raising=False)
     out = tmp_path / "out"
     assert main(["--model", "synthetic", "--quick", "--out", str(out)]) == 0
@@ -117,7 +117,7 @@ def test_demo_streams_a_lazy_model_with_the_same_numbers(shared_data, make_check
     import json
     import shutil
 
-    from minisq.demo import main
+    from minisq.cli.demo import main
 
     folder, _ = make_checkpoint("opt", vocab_size=50272)
     for f in ("vocab.json", "merges.txt"):

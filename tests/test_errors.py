@@ -1,4 +1,4 @@
-"""Bad input gets a clear minisq error that names the culprit (issue 7): one test per case."""
+"""Bad input gets a clear minisq error that names the culprit: one test per case."""
 
 import json
 import shutil
@@ -77,7 +77,7 @@ def _edit_weights(folder, edit):
     """Rewrite folder/model.safetensors after ``edit(state)`` changes the state dict in place."""
     from safetensors.numpy import save_file
 
-    from minisq.checkpoint import read_safetensors
+    from minisq.io.checkpoint import read_safetensors
 
     state = read_safetensors(folder / "model.safetensors")
     edit(state)
@@ -108,7 +108,7 @@ def test_non_finite_weights(tmp_path, make_checkpoint):
 # --- unsupported -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(model_type="bloom"), "model_type 'bloom' is not supported"),   # llama is a family since issue 12
+    (dict(model_type="bloom"), "model_type 'bloom' is not supported"),
     (dict(activation_function="gelu"), "activation_function 'gelu' is not supported"),
     (dict(add_cross_attention=True), "add_cross_attention"),
     (dict(n_head=5), "not divisible by the number of heads 5"),

@@ -1,4 +1,4 @@
-"""Perplexity and LAMBADA accuracy against transformers and a brute-force loop (issue 5)."""
+"""Perplexity and LAMBADA accuracy against transformers and a brute-force loop."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.evaluate import last_word_correct, perplexity, windows
+from minisq.eval.evaluate import last_word_correct, perplexity, windows
 
 
 def _hf_window_losses(hf, ids, L):
@@ -77,7 +77,7 @@ def test_lambada_on_real_passages_with_real_tokenizer(shared_data, make_checkpoi
     """The text path: real LAMBADA passages through the real GPT-2 tokenizer (random tiny model)."""
     import shutil
 
-    from minisq.data import lambada
+    from minisq.eval.data import lambada
 
     folder, _ = make_checkpoint("gpt2", vocab_size=50257)
     for f in ("vocab.json", "merges.txt"):
@@ -85,7 +85,7 @@ def test_lambada_on_real_passages_with_real_tokenizer(shared_data, make_checkpoi
     model = minisq.load(folder)
     passages = lambada(shared_data)[:6]
     acc = minisq.lambada_accuracy(model, passages, progress=False)
-    pairs = minisq.evaluate.lambada_pairs(model, passages)
+    pairs = minisq.eval.evaluate.lambada_pairs(model, passages)
     assert model.tokenizer.decode(pairs[0][1].tolist()) == " signs"
     assert acc == float(np.mean(last_word_correct(model, pairs, progress=False)))
 

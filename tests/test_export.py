@@ -1,4 +1,4 @@
-"""Save and reload smoothed and quantized models (issue 7)."""
+"""Save and reload smoothed and quantized models."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 import minisq
 from minisq.calibrate import calibrate
-from minisq.export import folder_bytes
+from minisq.io.export import folder_bytes
 from minisq.nn import Linear
 from minisq.qlinear import W8A8Linear
 
@@ -75,7 +75,7 @@ def test_quantized_checkpoint_is_smaller(tmp_path, make_checkpoint):
 def test_tied_lm_head_is_stored_once(tmp_path, variants):
     _, model, *_ = variants
     folder = model.save(tmp_path / "m")
-    from minisq.checkpoint import read_safetensors
+    from minisq.io.checkpoint import read_safetensors
     names = read_safetensors(folder / "model.safetensors")
     assert not any(k.startswith("lm_head") for k in names)
     back = minisq.load(folder)

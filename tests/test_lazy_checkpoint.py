@@ -1,4 +1,4 @@
-"""Memory-mapped (lazy) and as-stored checkpoint reading, and hostile headers (issue 10)."""
+"""Memory-mapped (lazy) and as-stored checkpoint reading, and hostile headers."""
 
 import json
 import struct
@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from minisq.checkpoint import bf16_to_float32, float32_to_bf16, read_pytorch_bin, read_safetensors, read_state_dict
+from minisq.io.checkpoint import bf16_to_float32, float32_to_bf16, read_pytorch_bin, read_safetensors, read_state_dict
 from minisq.errors import CheckpointError
 
 torch = pytest.importorskip("torch")

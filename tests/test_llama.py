@@ -1,4 +1,4 @@
-"""The Llama family (issue 12): Llama (GQA, llama3 RoPE, untied), Qwen2 (q,k,v biases, tied,
+"""The Llama family: Llama (GQA, llama3 RoPE, untied), Qwen2 (q,k,v biases, tied,
 multi-query) and Mistral (sliding window) held against transformers, the smoothing rows as
 float64 equivalences and against an independent torch oracle of the official Llama
 SmoothQuant, the tokenizer's BOS/EOS, and the errors."""
@@ -435,7 +435,7 @@ def test_byte_level_bpe_with_bos_matches_transformers(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
          "tokenizer_class": "PreTrainedTokenizerFast"}))
-    ours = minisq.tokenizer.load_tokenizer(tmp_path, "llama")
+    ours = minisq.io.tokenizer.load_tokenizer(tmp_path, "llama")
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     assert ours.add_bos and ours.bos_id == 0 and ours.eos_id == 1
     for text in ("The quick brown fox", "Smoothing migrates outliers, quickly!", "ünïcödé ✓ 123"):
@@ -444,7 +444,7 @@ def test_byte_level_bpe_with_bos_matches_transformers(tmp_path):
     # add_bos_token: false in tokenizer_config.json wins over the post-processor
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": False}))
-    off = minisq.tokenizer.load_tokenizer(tmp_path, "llama")
+    off = minisq.io.tokenizer.load_tokenizer(tmp_path, "llama")
     assert not off.add_bos and off.encode("The fox") == theirs.encode("The fox", add_special_tokens=False)
 
 
@@ -453,7 +453,7 @@ def test_bos_eos_from_generation_config_and_no_bos(tmp_path):
     tok.post_processor = None
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 0]}))
-    ours = minisq.tokenizer.load_tokenizer(tmp_path, "qwen2")          # Qwen2-like: no BOS is added
+    ours = minisq.io.tokenizer.load_tokenizer(tmp_path, "qwen2")          # Qwen2-like: no BOS is added
     assert not ours.add_bos and ours.eos_id == 1 and ours.bos_id == 0
     assert ours.encode("The fox") == tok.encode("The fox", add_special_tokens=False).ids
 
@@ -523,7 +523,7 @@ def test_sentencepiece_converted_tokenizer_json_matches_transformers(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    ours = minisq.tokenizer.load_tokenizer(tmp_path, "llama")
+    ours = minisq.io.tokenizer.load_tokenizer(tmp_path, "llama")
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     assert ours.add_bos and ours.bos_id == 1 and ours.eos_id == 2
     for text in ("The quick brown fox", "The fox jumps", "ünï ✓"):             # the last falls back to bytes

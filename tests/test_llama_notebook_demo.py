@@ -1,5 +1,5 @@
 """A Llama model in the teaching notebook (by changing its one MODEL line) and in the demo
-(issue 12), on tiny random-weight Llama checkpoints built here with transformers."""
+on tiny random-weight Llama checkpoints built here with transformers."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minisq.demo import main
+from minisq.cli.demo import main
 from test_llama import hf_llama
 
 ROOT = Path(__file__).resolve().parents[1]

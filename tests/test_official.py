@@ -1,4 +1,4 @@
-"""minisq against an independent torch oracle of the official SmoothQuant code (issue 11).
+"""minisq against an independent torch oracle of the official SmoothQuant code.
 
 The oracle below is written from the official definitions (mit-han-lab/smoothquant:
 ``smooth_lm`` / ``smooth_ln_fcs``, ``fake_quant.W8A8Linear`` and ``quantize_opt``), in plain

@@ -1,4 +1,4 @@
-"""GPT-2's tokenizer files shipped as package data (issue 15): the synthetic model decodes
+"""GPT-2's tokenizer files shipped as package data: the synthetic model decodes
 text offline, with no data folder. Held against the hashes the files are documented with and
 against llama.cpp's GPT-2 test vectors (independent of minisq)."""
 
@@ -6,7 +6,7 @@ import hashlib
 import tomllib
 from pathlib import Path
 
-from minisq.tokenizer import PACKAGED_GPT2, packaged_gpt2_tokenizer
+from minisq.io.tokenizer import PACKAGED_GPT2, packaged_gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA256 = {  # openai-community/gpt2's published hashes, as in minisq/assets/gpt2/SOURCE.md
@@ -20,7 +20,7 @@ def test_the_shipped_files_are_gpt2s_and_named_as_package_data():
         assert hashlib.sha256((PACKAGED_GPT2 / name).read_bytes()).hexdigest() == digest, name
     assert "Modified MIT License" in (PACKAGED_GPT2 / "LICENSE").read_text()
     assert "openai/gpt-2" in (PACKAGED_GPT2 / "SOURCE.md").read_text()
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minisq"]
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minisq.io"]
     for name in ("vocab.json", "merges.txt", "LICENSE", "SOURCE.md"):
         assert f"assets/gpt2/{name}" in data
 

@@ -1,4 +1,4 @@
-"""The demo's and notebooks' figures say what they show (issue 15): every planted outlier
+"""The demo's and notebooks' figures say what they show: every planted outlier
 channel named, labels that do not overlap, lm_head marked as left out, shared z scales."""
 
 import numpy as np

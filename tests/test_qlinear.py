@@ -1,4 +1,4 @@
-"""W8A8 linear leaves and whole-model quantization at every SmoothQuant level (issue 3)."""
+"""W8A8 linear leaves and whole-model quantization at every SmoothQuant level."""
 
 import numpy as np
 import pytest

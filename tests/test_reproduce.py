@@ -1,4 +1,4 @@
-"""``python -m minisq.reproduce`` on three small random OPT checkpoints of growing size.
+"""``minisq reproduce`` on three small random OPT checkpoints of growing size.
 
 The checkpoints are random-weight ``transformers`` OPT models with OPT's real vocabulary
 size (50272) and tokenizer files (from ``$MINISQ_DATA_DIR/opt``), so that real WikiText-2
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisq import reproduce
+from minisq.cli import reproduce
 from minisq.errors import MinisqError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_the_cache_key_holds_what_changes_a_number(first_run, family, monkeypatc
 
 def _cli(*args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "minisq.reproduce", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "minisq", "reproduce", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300)
 
 
@@ -191,7 +191,7 @@ def test_model_too_big_is_loaded_lazily_or_refused(family, monkeypatch, capsys):
     # a minisq whose load() takes lazy=True gets it, with a line saying so
     seen = {}
     monkeypatch.setattr(reproduce, "load_accepts_lazy", lambda: True)
-    monkeypatch.setattr("minisq.loading.load", lambda folder, **kw: seen.update(kw) or "lazy model")
+    monkeypatch.setattr("minisq.io.loading.load", lambda folder, **kw: seen.update(kw) or "lazy model")
     model, folder, lazy = reproduce.load_model(folders[0])
     assert (model, str(folder), lazy) == ("lazy model", folders[0], True)
     assert seen.get("lazy") is True and "loading it lazily" in capsys.readouterr().out
@@ -239,7 +239,7 @@ def test_parameter_count_matches_torch(family):
 
 def test_head_tokens_equal_the_start_of_the_whole_text(shared_data):
     from minisq import data
-    from minisq.tokenizer import load_tokenizer
+    from minisq.io.tokenizer import load_tokenizer
 
     text = data.wikitext2("test", shared_data)
     for family_name in ("gpt2", "opt"):

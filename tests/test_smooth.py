@@ -1,4 +1,4 @@
-"""Calibration, smoothing equivalence, the α search and the synthetic-outlier model (issue 4)."""
+"""Calibration, smoothing equivalence, the α search and the synthetic-outlier model."""
 
 
 import numpy as np

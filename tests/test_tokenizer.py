@@ -1,4 +1,4 @@
-"""minisq.tokenizer against real GPT-2/OPT tokenizer files and three independent oracles:
+"""minisq.io.tokenizer against real GPT-2/OPT tokenizer files and three independent oracles:
 llama.cpp's GPT-2 test vectors, a pure-Python BPE written here (OpenAI's encoder.py
 algorithm), and transformers' GPT2Tokenizer.
 """
@@ -13,7 +13,7 @@ import pytest
 
 from minisq import data
 from minisq.errors import CheckpointError, ConfigError, InputError
-from minisq.tokenizer import load_tokenizer
+from minisq.io.tokenizer import load_tokenizer
 
 # ------------------------------------------------------------------ fixtures
 
@@ -263,7 +263,7 @@ def test_missing_files_name_the_folder_and_files(tmp_path):
 
 
 def test_unknown_model_type(tmp_path):
-    with pytest.raises(ConfigError, match="bloom"):   # llama is a family since issue 12
+    with pytest.raises(ConfigError, match="bloom"):
         load_tokenizer(tmp_path, "bloom")
 
 

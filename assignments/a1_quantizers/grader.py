@@ -3,7 +3,7 @@
     pytest assignments/a1_quantizers            # every task
     pytest assignments/a1_quantizers -m a1_2    # Task 1.2 only
 
-Each answer is compared with minisq's own quantizer through ``minisq.grading``, whose failure
+Each answer is compared with minisq's own quantizer through ``minisq.course.grading``, whose failure
 messages say which group or code is wrong and why. The instructor also runs hidden tests
 (``grader_hidden.py``) with the edge cases HANDOUT.md lists: pass those by following the rules,
 not by fitting these tests.
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import minisq
-from minisq.grading import assert_equal, assert_returns, check_quantized
+from minisq.course.grading import assert_equal, assert_returns, check_quantized
 
 # derandomize: a grade must not depend on luck; no explain phase: our messages already explain
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,

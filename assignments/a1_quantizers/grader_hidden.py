@@ -7,7 +7,7 @@ float64 values, exact ties, NaN/inf inputs (an error is expected) and invalid st
 import numpy as np
 import pytest
 
-from minisq.grading import check_quantized
+from minisq.course.grading import check_quantized
 from minisq.quant import QUANTIZERS
 
 FNS = {"per_tensor": "quantize_per_tensor", "per_token": "quantize_per_token", "per_channel": "quantize_per_channel"}

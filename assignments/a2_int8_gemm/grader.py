@@ -5,7 +5,7 @@
 
 The GEMMs are held to minisq's exact int64 reference (bit for bit), the epilogue to
 ``minisq.dequant_epilogue`` and the linear forward to minisq's W8A8 leaf, through
-``minisq.grading``. Hidden tests (``grader_hidden.py``) add the edge cases HANDOUT.md lists.
+``minisq.course.grading``. Hidden tests (``grader_hidden.py``) add the edge cases HANDOUT.md lists.
 """
 
 import numpy as np
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import minisq
-from minisq.grading import assert_close, check_epilogue, check_int_gemm
+from minisq.course.grading import assert_close, check_epilogue, check_int_gemm
 from minisq.nn import Linear
 
 # derandomize: a grade must not depend on luck; no explain phase: our messages already explain

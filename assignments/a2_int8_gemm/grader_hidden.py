@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.grading import assert_close, check_epilogue, check_int_gemm
+from minisq.course.grading import assert_close, check_epilogue, check_int_gemm
 from minisq.nn import Linear
 
 FNS = {"int8_matmul": pytest.mark.a2_1, "int8_matmul_float32": pytest.mark.a2_2}

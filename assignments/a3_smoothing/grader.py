@@ -4,7 +4,7 @@
     pytest assignments/a3_smoothing -m a3_3    # Task 3.3 only
 
 Factors are held to ``minisq.smoothing_factors``, the fold to the formula (g / s, b / s,
-w * s[:, None]) through ``minisq.grading``, and the smoothed model to the original with
+w * s[:, None]) through ``minisq.course.grading``, and the smoothed model to the original with
 ``minisq.check_equivalence`` in float64, and to ``minisq.smooth``. Hidden tests
 (``grader_hidden.py``) add the edge cases HANDOUT.md lists.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.grading import assert_close, assert_equal, assert_equivalent, check_smoothing_factors, check_smoothing_fold
+from minisq.course.grading import assert_close, assert_equal, assert_equivalent, check_smoothing_factors, check_smoothing_fold
 from minisq.config import ModelConfig
 from minisq.nn import Linear
 

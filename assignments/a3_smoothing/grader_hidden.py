@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.grading import assert_close, assert_equal, assert_equivalent, check_smoothing_factors, check_smoothing_fold
+from minisq.course.grading import assert_close, assert_equal, assert_equivalent, check_smoothing_factors, check_smoothing_fold
 from minisq.config import ModelConfig
 from minisq.nn import Linear
 

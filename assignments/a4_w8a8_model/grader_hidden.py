@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.grading import assert_close, assert_equivalent, check_channel_absmax, check_static_scale
+from minisq.course.grading import assert_close, assert_equivalent, check_channel_absmax, check_static_scale
 from minisq.config import ModelConfig
 from minisq.nn import Linear
 

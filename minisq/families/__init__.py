@@ -30,7 +30,7 @@ The forward pass, in pieces a layer-outer (streamed) driver can call one at a ti
     ``[B, T]`` the real-token mask every linear leaf receives as ``leaf(x, mask)``, ``cache``
     a :class:`~minisq.model.KVCache` or None (extended in place), ``positions`` ``[B, T]``
     (families with rotary embeddings need them; others ignore them). Attention goes through
-    :func:`minisq.families.base._self_attention` (and ``model.attn_quant`` when quantized).
+    :func:`minisq.families.base.self_attention` (and ``model.attn_quant`` when quantized).
 ``head(model, x, mask) -> logits [B, T, V]``
     final norm and the output projection.
 
@@ -50,7 +50,7 @@ Smoothing, calibration, tokenizer and synthetic model:
     its synthetic-outlier recipe (see :mod:`minisq.synthetic`).
 
 Nothing here is model-specific except through the modules themselves; hub downloads
-(:mod:`minisq.hub`) happen before the config is read and need no family.
+(:mod:`minisq.io.hub`) happen before the config is read and need no family.
 """
 
 from __future__ import annotations

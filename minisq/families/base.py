@@ -17,7 +17,7 @@ from .. import nn
 from ..backend import get_array_module
 from ..errors import CheckpointError, NonFiniteError, ShapeError
 from ..kvquant import attend_kv
-from ..storage import StoredTensor
+from ..io.storage import StoredTensor
 from ..nn import Linear
 
 
@@ -48,7 +48,7 @@ class SpecialTokens:
 
 # --- reading a checkpoint -------------------------------------------------------------------
 
-def _strip_prefix(state: dict, prefixes: tuple) -> dict:
+def strip_prefix(state: dict, prefixes: tuple) -> dict:
     # checkpoints differ: "transformer.h.0..." vs "h.0...", "model.decoder.layers..." vs "decoder.layers..."
     out = {}
     for key, value in state.items():
@@ -60,11 +60,11 @@ def _strip_prefix(state: dict, prefixes: tuple) -> dict:
     return out
 
 
-class _Taker:
+class Taker:
     """Takes tensors out of a state dict, checking each shape against the config.
 
     A plain array becomes a fresh array of the compute ``dtype``; a
-    :class:`~minisq.storage.StoredTensor` (weights kept as stored) is kept, transposed
+    :class:`~minisq.io.storage.StoredTensor` (weights kept as stored) is kept, transposed
     lazily where the layout needs it.
     """
 
@@ -112,7 +112,7 @@ class _Taker:
         return {"g": self(f"{key}.weight", (C,)), "b": self(f"{key}.bias", (C,))}
 
 
-def _lm_head(take: _Taker, key: str, embedding, V: int, C: int) -> Linear:
+def make_lm_head(take: Taker, key: str, embedding, V: int, C: int) -> Linear:
     # The output projection is usually tied to the token embedding and then absent from the file.
     # Either way it is [V, C] in the file; the leaf holds its transpose [C, V] (a view, no copy).
     w = take(key, (V, C)) if key in take.state else embedding
@@ -121,7 +121,7 @@ def _lm_head(take: _Taker, key: str, embedding, V: int, C: int) -> Linear:
 
 # --- attention, shared by every block -------------------------------------------------------
 
-def _self_attention(model, q, k, v, cache, i, bias, scale, mask, kv_heads=None):
+def self_attention(model, q, k, v, cache, i, bias, scale, mask, kv_heads=None):
     # [B, T, H*D], [B, T, G*D] x2 (+ layer i's cached S-T tokens), [B, T] real-token mask -> [B, T, H*D]
     # G = kv_heads (grouped-query attention: each k/v head serves H/G query heads); None: G = H
     H = model.config.num_heads

@@ -11,9 +11,9 @@ an lm_head tied to the token embedding. The checkpoint's Conv1D layers already s
 from __future__ import annotations
 
 from .. import nn
-from ..config import ModelConfig, _check_activation, _get, _validate
+from ..config import ModelConfig, check_activation, read_field, validate
 from ..errors import ConfigError
-from .base import Mapping, SpecialTokens, _lm_head, _self_attention, _strip_prefix, _Taker
+from .base import Mapping, SpecialTokens, make_lm_head, self_attention, strip_prefix, Taker
 
 MODEL_TYPES = ("gpt2",)
 EMBEDDING = "wte"            # the token embedding [V, C] in the parameter tree
@@ -26,27 +26,27 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """A GPT-2 config.json (``n_embd``, ``n_layer``, ...) as a :class:`ModelConfig`."""
     if raw.get("add_cross_attention"):
         raise ConfigError(f"{source}: add_cross_attention=True (an encoder-decoder GPT-2) is not supported")
-    C = _get(raw, "n_embd", required=True, source=source)
-    n_inner = _get(raw, "n_inner")
+    C = read_field(raw, "n_embd", required=True, source=source)
+    n_inner = read_field(raw, "n_inner")
     cfg = ModelConfig(
         model_type="gpt2",
-        vocab_size=_get(raw, "vocab_size", required=True, source=source),
+        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
         hidden_size=C,
-        num_layers=_get(raw, "n_layer", required=True, source=source),
-        num_heads=_get(raw, "n_head", required=True, source=source),
+        num_layers=read_field(raw, "n_layer", required=True, source=source),
+        num_heads=read_field(raw, "n_head", required=True, source=source),
         ffn_dim=n_inner if n_inner else 4 * C,
-        max_positions=_get(raw, "n_positions", 1024),
-        layer_norm_eps=float(_get(raw, "layer_norm_epsilon", 1e-5)),
-        activation=_check_activation(_get(raw, "activation_function", "gelu_new"), source),
-        scale_attn_weights=bool(_get(raw, "scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(_get(raw, "scale_attn_by_inverse_layer_idx", False)),
-        reorder_and_upcast_attn=bool(_get(raw, "reorder_and_upcast_attn", False)),
-        bos_token_id=_get(raw, "bos_token_id", 50256),
-        eos_token_id=_get(raw, "eos_token_id", 50256),
-        pad_token_id=_get(raw, "pad_token_id"),
+        max_positions=read_field(raw, "n_positions", 1024),
+        layer_norm_eps=float(read_field(raw, "layer_norm_epsilon", 1e-5)),
+        activation=check_activation(read_field(raw, "activation_function", "gelu_new"), source),
+        scale_attn_weights=bool(read_field(raw, "scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(read_field(raw, "scale_attn_by_inverse_layer_idx", False)),
+        reorder_and_upcast_attn=bool(read_field(raw, "reorder_and_upcast_attn", False)),
+        bos_token_id=read_field(raw, "bos_token_id", 50256),
+        eos_token_id=read_field(raw, "eos_token_id", 50256),
+        pad_token_id=read_field(raw, "pad_token_id"),
         name=raw.get("_name_or_path", "") or "",
     )
-    return _validate(cfg, source)
+    return validate(cfg, source)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -63,7 +63,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
     """The parameter tree from an HF GPT-2 state dict (``transformer.`` prefix optional)."""
-    take = _Taker(_strip_prefix(state, ("transformer.",)), dtype, source)
+    take = Taker(strip_prefix(state, ("transformer.",)), dtype, source)
     C, F, V = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size
     wte = take("wte.weight", (V, C))
     params = {
@@ -86,7 +86,7 @@ def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) ->
         ],
         "ln_f": take.norm("ln_f", C),
     }
-    params["lm_head"] = _lm_head(take, "lm_head.weight", wte, V, C)
+    params["lm_head"] = make_lm_head(take, "lm_head.weight", wte, V, C)
     return params
 
 
@@ -118,7 +118,7 @@ def block(model, i, layer, x, bias, m, cache, positions=None):
     h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
     qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
     q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
-    a = _self_attention(model, q, k, v, cache, i, bias, scale, m)
+    a = self_attention(model, q, k, v, cache, i, bias, scale, m)
     x = x + layer["attn"]["c_proj"](a, m)
     h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
     x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside

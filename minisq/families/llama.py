@@ -24,10 +24,10 @@ import numpy as np
 
 from .. import backend, nn
 from ..backend import get_array_module
-from ..config import ModelConfig, _get
+from ..config import ModelConfig, read_field
 from ..errors import ConfigError
 from ..nn import Linear
-from .base import Mapping, SpecialTokens, _self_attention, _strip_prefix, _Taker
+from .base import Mapping, SpecialTokens, self_attention, strip_prefix, Taker
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 EMBEDDING = "embed_tokens"   # the token embedding [V, C] in the parameter tree
@@ -47,40 +47,40 @@ ROPE_TYPES = {
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """A Llama / Mistral / Qwen2 config.json as a :class:`ModelConfig`."""
     model_type = raw["model_type"]
-    act = _get(raw, "hidden_act", "silu")
+    act = read_field(raw, "hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported; the Llama family here uses 'silu'")
-    if _get(raw, "pretraining_tp", 1) != 1:
+    if read_field(raw, "pretraining_tp", 1) != 1:
         raise ConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} (sliced linears) is not supported")
     if model_type == "qwen2" and raw.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=True (Qwen2's per-layer windows) is not supported")
-    H = _get(raw, "num_attention_heads", required=True, source=source)
-    P = _get(raw, "max_position_embeddings", 2048)
+    H = read_field(raw, "num_attention_heads", required=True, source=source)
+    P = read_field(raw, "max_position_embeddings", 2048)
     rope = read_rope(raw, source)
-    attention_bias = bool(_get(raw, "attention_bias", False))
+    attention_bias = bool(read_field(raw, "attention_bias", False))
     cfg = ModelConfig(
         model_type=model_type,
-        vocab_size=_get(raw, "vocab_size", required=True, source=source),
-        hidden_size=_get(raw, "hidden_size", required=True, source=source),
-        num_layers=_get(raw, "num_hidden_layers", required=True, source=source),
+        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
+        hidden_size=read_field(raw, "hidden_size", required=True, source=source),
+        num_layers=read_field(raw, "num_hidden_layers", required=True, source=source),
         num_heads=H,
-        ffn_dim=_get(raw, "intermediate_size", required=True, source=source),
+        ffn_dim=read_field(raw, "intermediate_size", required=True, source=source),
         # dynamic NTK scaling exists to run past the trained context: allow factor x as long
         max_positions=int(P * rope["factor"]) if rope["rope_type"] == "dynamic" else P,
-        layer_norm_eps=float(_get(raw, "rms_norm_eps", 1e-6)),
+        layer_norm_eps=float(read_field(raw, "rms_norm_eps", 1e-6)),
         activation="silu",
         enable_bias=False,
-        num_kv_heads=_get(raw, "num_key_value_heads", H),
-        head_size=_get(raw, "head_dim"),
+        num_kv_heads=read_field(raw, "num_key_value_heads", H),
+        head_size=read_field(raw, "head_dim"),
         rope=rope,
         qkv_bias=True if model_type == "qwen2" else attention_bias,   # Qwen2: q, k, v always biased
         o_bias=attention_bias if model_type == "llama" else False,
-        mlp_bias=bool(_get(raw, "mlp_bias", False)),
-        sliding_window=_get(raw, "sliding_window") if model_type == "mistral" else None,
-        tie_word_embeddings=bool(_get(raw, "tie_word_embeddings", False)),
-        bos_token_id=_get(raw, "bos_token_id"),
-        eos_token_id=_get(raw, "eos_token_id"),
-        pad_token_id=_get(raw, "pad_token_id"),
+        mlp_bias=bool(read_field(raw, "mlp_bias", False)),
+        sliding_window=read_field(raw, "sliding_window") if model_type == "mistral" else None,
+        tie_word_embeddings=bool(read_field(raw, "tie_word_embeddings", False)),
+        bos_token_id=read_field(raw, "bos_token_id"),
+        eos_token_id=read_field(raw, "eos_token_id"),
+        pad_token_id=read_field(raw, "pad_token_id"),
         name=raw.get("_name_or_path", "") or "",
     )
     return _validate(cfg, source)
@@ -106,7 +106,7 @@ def read_rope(raw: dict, source: str) -> dict:
             raise ConfigError(f"{source}: RoPE type {rope_type!r} needs {key!r} in its parameters")
         rope[key] = float(params[key])
     if rope_type == "dynamic":   # transformers scales from max_position_embeddings
-        rope["original_max_position_embeddings"] = float(_get(raw, "max_position_embeddings", 2048))
+        rope["original_max_position_embeddings"] = float(read_field(raw, "max_position_embeddings", 2048))
     return rope
 
 
@@ -130,7 +130,7 @@ def _validate(cfg: ModelConfig, source: str) -> ModelConfig:
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
     """The parameter tree from an HF Llama/Mistral/Qwen2 state dict (``model.`` prefix optional)."""
-    take = _Taker(_strip_prefix(state, ("model.",)), dtype, source)
+    take = Taker(strip_prefix(state, ("model.",)), dtype, source)
     C, F, V, D = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
     H, G = cfg.num_heads, cfg.kv_heads
 
@@ -289,7 +289,7 @@ def block(model, i, layer, x, bias, m, cache, positions=None):
     q = apply_rotary(attn["q_proj"](h, m), cos, sin, H)                           # [B, T, H*D]
     k = apply_rotary(attn["k_proj"](h, m), cos, sin, G)                           # [B, T, G*D]
     v = attn["v_proj"](h, m)                                                      # [B, T, G*D]
-    a = _self_attention(model, q, k, v, cache, i, bias, D ** -0.5, m, kv_heads=G)
+    a = self_attention(model, q, k, v, cache, i, bias, D ** -0.5, m, kv_heads=G)
     x = x + attn["o_proj"](a, m)
     h = rms_norm(x, layer["post_attention_layernorm"]["g"], cfg.layer_norm_eps)
     gated = silu(mlp["gate_proj"](h, m))                                          # [B, T, F], a fresh array

@@ -16,8 +16,8 @@ import dataclasses
 import warnings
 
 from .. import nn
-from ..config import ModelConfig, _check_activation, _get, _validate
-from .base import Mapping, SpecialTokens, _lm_head, _self_attention, _strip_prefix, _Taker
+from ..config import ModelConfig, check_activation, read_field, validate
+from .base import Mapping, SpecialTokens, make_lm_head, self_attention, strip_prefix, Taker
 
 MODEL_TYPES = ("opt",)
 EMBEDDING = "embed_tokens"   # the token embedding [V, E] in the parameter tree
@@ -28,30 +28,30 @@ LAYER_PREFIX = "layers.{i}"  # dotted name of layer i
 
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """An OPT config.json as a :class:`ModelConfig`."""
-    C = _get(raw, "hidden_size", required=True, source=source)
-    proj = _get(raw, "word_embed_proj_dim", C)
+    C = read_field(raw, "hidden_size", required=True, source=source)
+    proj = read_field(raw, "word_embed_proj_dim", C)
     cfg = ModelConfig(
         model_type="opt",
-        vocab_size=_get(raw, "vocab_size", required=True, source=source),
+        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
         hidden_size=C,
-        num_layers=_get(raw, "num_hidden_layers", required=True, source=source),
-        num_heads=_get(raw, "num_attention_heads", required=True, source=source),
-        ffn_dim=_get(raw, "ffn_dim", required=True, source=source),
-        max_positions=_get(raw, "max_position_embeddings", 2048),
+        num_layers=read_field(raw, "num_hidden_layers", required=True, source=source),
+        num_heads=read_field(raw, "num_attention_heads", required=True, source=source),
+        ffn_dim=read_field(raw, "ffn_dim", required=True, source=source),
+        max_positions=read_field(raw, "max_position_embeddings", 2048),
         layer_norm_eps=1e-5,  # OPT's LayerNorms use torch's default eps
-        activation=_check_activation(_get(raw, "activation_function", "relu"), source),
-        do_layer_norm_before=bool(_get(raw, "do_layer_norm_before", True)),
+        activation=check_activation(read_field(raw, "activation_function", "relu"), source),
+        do_layer_norm_before=bool(read_field(raw, "do_layer_norm_before", True)),
         word_embed_proj_dim=proj if proj != C else None,
-        enable_bias=bool(_get(raw, "enable_bias", True)),
-        layer_norm_elementwise_affine=bool(_get(raw, "layer_norm_elementwise_affine", True)),
-        remove_final_layer_norm=bool(_get(raw, "_remove_final_layer_norm", False)),
+        enable_bias=bool(read_field(raw, "enable_bias", True)),
+        layer_norm_elementwise_affine=bool(read_field(raw, "layer_norm_elementwise_affine", True)),
+        remove_final_layer_norm=bool(read_field(raw, "_remove_final_layer_norm", False)),
         position_offset=2,
-        bos_token_id=_get(raw, "bos_token_id", 2),
-        eos_token_id=_get(raw, "eos_token_id", 2),
-        pad_token_id=_get(raw, "pad_token_id", 1),
+        bos_token_id=read_field(raw, "bos_token_id", 2),
+        eos_token_id=read_field(raw, "eos_token_id", 2),
+        pad_token_id=read_field(raw, "pad_token_id", 1),
         name=raw.get("_name_or_path", "") or "",
     )
-    return _validate(cfg, source)
+    return validate(cfg, source)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -69,7 +69,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:
     """The parameter tree from an HF OPT state dict (``model.decoder.`` prefix optional)."""
-    take = _Taker(_strip_prefix(state, ("model.decoder.", "decoder.", "model.")), dtype, source)
+    take = Taker(strip_prefix(state, ("model.decoder.", "decoder.", "model.")), dtype, source)
     C, F, V, E = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.embed_dim
     bias, affine = cfg.enable_bias, cfg.layer_norm_elementwise_affine
     proj = cfg.word_embed_proj_dim is not None
@@ -97,7 +97,7 @@ def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) ->
                              if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm else None),
         "project_out": lin("project_out", C, E, b=False) if proj else None,
     }
-    params["lm_head"] = _lm_head(take, "lm_head.weight", embed, V, E)
+    params["lm_head"] = make_lm_head(take, "lm_head.weight", embed, V, E)
     return params
 
 
@@ -130,7 +130,7 @@ def block(model, i, layer, x, bias, m, cache, positions=None):
     pre = cfg.do_layer_norm_before
     attn = layer["self_attn"]
     h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
-    a = _self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
+    a = self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
                         cache, i, bias, cfg.head_dim ** -0.5, m)
     x = x + attn["out_proj"](a, m)
     if not pre:  # post-LN (opt-350m): normalize after the residual add

@@ -119,7 +119,7 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     smoothing: the unsmoothed ones give the smoothing statistics), and one layer's stats.
     """
     from .calibrate import _as_sequences
-    from .loading import load
+    from .io.loading import load
     from .qlinear import ATTN_BMM_MODES, DEFAULT_SKIP, PRESETS
     from .smooth import DEFAULT_GROUPS
 
@@ -232,7 +232,7 @@ class _Run:
             xs = embed_all(self.outer, self.inputs)
             self.float_xs, self.smooth_xs = xs, list(xs)
             return
-        from .checkpoint import read_safetensors
+        from .io.checkpoint import read_safetensors
 
         path = self.dst / f"carry-{done - 1:05d}.safetensors"
         if not path.is_file():
@@ -266,7 +266,7 @@ class _Run:
 
     def layer(self, i: int) -> None:
         """Layer i: calibrate, smooth, calibrate again, quantize, write; carry the activations."""
-        from .export import _encode
+        from .io.export import _encode
         from .qlinear import PRESETS, quantize_linear
         from .smooth import apply_smoothing, mappings_for, smoothing_factors, weight_absmax
         from .tree import _map
@@ -314,8 +314,8 @@ class _Run:
     def finish(self, src) -> None:
         """Write the parameters outside the layers, the tokenizer and, last, ``minisq.json``
         (a folder without it is no model). Run again after a kill, it writes the same."""
-        from .export import FORMAT as MODEL_FORMAT
-        from .export import _encode
+        from .io.export import FORMAT as MODEL_FORMAT
+        from .io.export import _encode
         from .qlinear import PRESETS, qkv_scales
 
         model, L = self.model, self.model.config.num_layers

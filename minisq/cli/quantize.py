@@ -1,4 +1,4 @@
-"""``python -m minisq.quantize SRC DST``: SmoothQuant a checkpoint layer by layer (models bigger than memory).
+"""``minisq quantize SRC DST``: SmoothQuant a checkpoint layer by layer (models bigger than memory).
 
 Reads SRC (a checkpoint folder or hub id) memory-mapped, calibrates on WikiText-2 text,
 and writes the smoothed W8A8 model to DST one decoder layer at a time, with a progress bar
@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 
 import numpy as np
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m minisq.quantize", description=__doc__,
+def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Example:\n  python -m minisq.quantize facebook/opt-6.7b opt-6.7b-sq-o3 "
+                                 epilog="Example:\n  minisq quantize facebook/opt-6.7b opt-6.7b-sq-o3 "
                                         "--preset O3 --alpha 0.5 --calib-samples 128 --seq-len 512\n")
     ap.add_argument("src", help="checkpoint folder or hub id (GPT-2 / OPT family)")
     ap.add_argument("dst", help="output folder (new or empty, or an unfinished run of the same arguments)")
@@ -41,12 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from . import data
-    from .errors import MinisqError
-    from .loading import load
-    from .stream import quantize_checkpoint
+def main(argv=None, prog: str = "minisq quantize") -> int:
+    args = parse_args(argv, prog)
+    from ..eval import data
+    from ..errors import MinisqError
+    from ..io.loading import load
+    from ..pipeline import quantize_checkpoint
 
     try:
         model = load(args.src, lazy=True)
@@ -65,20 +64,6 @@ def main(argv=None) -> int:
         return 1
     print(f"done: minisq.load({args.dst!r})")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``minisq.quantize`` names two things: the function ``quantize(model, preset, ...)``
-    and this command's module. Importing ``minisq.quantize`` as a module makes Python set the
-    package attribute ``minisq.quantize`` to the module, so the module passes calls on to
-    the function: ``minisq.quantize(model, "O3", ...)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        from .qlinear import quantize
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .families import family_for
-from .nn import Linear
-from .baselines import GroupW8A8Linear, LLMInt8Linear, W8A16Linear
-from .qlinear import AttentionQuant, W8A8Linear
+from ..backend import to_numpy
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..families import family_for
+from ..nn import Linear
+from ..baselines import GroupW8A8Linear, LLMInt8Linear, W8A16Linear
+from ..qlinear import AttentionQuant, W8A8Linear
 from .storage import materialize
 from .tokenizer import load_tokenizer
-from .tree import is_linear_leaf
+from ..tree import is_linear_leaf
 
 FORMAT = "minisq-model-v1"
 LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear, "W8A16Linear": W8A16Linear,

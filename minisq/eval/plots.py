@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 
 def _figure(*args, **kwargs):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import ConfigError
-from .diagnostics import EquivalenceReport  # noqa: F401  (assert_equivalent takes one)
+from ..backend import to_numpy
+from ..errors import ConfigError
+from ..diagnostics import EquivalenceReport  # noqa: F401  (assert_equivalent takes one)
 
 
 # --- assertions with messages a student can act on -------------------------------------------
@@ -102,7 +102,7 @@ _SCALE_SHAPES = {
 
 
 def _scale_hint(granularity, x, idx, yours, expected, static) -> str:
-    from .quant import QMAX
+    from ..quant import QMAX
 
     where, label, amax = _group(granularity, x, idx)
     if static:
@@ -167,7 +167,7 @@ def check_quantized(name: str, q, scale, x, granularity: str, static_scale=None)
     code and, where recognisable, the mistake (127 vs 128, no clamp, truncation, zero groups).
     """
     # [...] int8, [] | [..., 1] | [1, C_out] float, [...] float -> None
-    from .quant import QMAX, QUANTIZERS
+    from ..quant import QMAX, QUANTIZERS
 
     if granularity not in QUANTIZERS:
         raise ConfigError(f"unknown granularity {granularity!r}: use one of {sorted(QUANTIZERS)}")
@@ -222,7 +222,7 @@ def check_int_gemm(name: str, c, a_q, b_q) -> None:
     (or 8-bit) accumulator wrapped around; a wrong sum beyond 2^24 means float32 rounding.
     """
     # [..., N] int32, [..., K] int8, [K, N] int8 -> None
-    from .gemm import int8_gemm_reference
+    from ..gemm import int8_gemm_reference
 
     a_q, b_q = np.asarray(to_numpy(a_q)), np.asarray(to_numpy(b_q))
     exp = int8_gemm_reference(a_q, b_q)
@@ -271,7 +271,7 @@ def check_epilogue(name: str, y, acc, row_scale, col_scale, bias=None, out_dtype
     (bit-exact when computed in that order). Names a missing bias or a missing scale.
     """
     # [..., M, N] float, [..., M, N] int32, [..., M, 1] | [], [N] | [1, N] | [], [N] | None -> None
-    from .gemm import dequant_epilogue
+    from ..gemm import dequant_epilogue
 
     acc = np.asarray(to_numpy(acc))
     dtype = np.dtype(out_dtype)
@@ -322,7 +322,7 @@ def check_smoothing_factors(name: str, s, act_max, w_max, alpha: float, rtol: fl
     ``s`` must be float64 ``[C_in]`` within ``rtol``. Names the rule a wrong channel broke.
     """
     # [C_in] float64, [C_in], [C_in], float -> None
-    from .smooth import smoothing_factors
+    from ..smooth import smoothing_factors
 
     a = np.asarray(to_numpy(act_max), np.float64)
     w = np.asarray(to_numpy(w_max), np.float64)
@@ -477,8 +477,8 @@ def check_static_scale(name: str, scale, channel_absmax, dtype=np.float32) -> No
     0-d ``max_k absmax[k] / 127`` computed in ``dtype``, and 1 (the quantizers' zero-range
     guard) where that would be 0 or subnormal."""
     # [] float, [C_in] float -> None
-    from .qlinear import quantize_linear
-    from .nn import Linear
+    from ..qlinear import quantize_linear
+    from ..nn import Linear
 
     absmax = np.asarray(to_numpy(channel_absmax), np.float64)
     dtype = np.dtype(dtype)

@@ -27,10 +27,10 @@ import math
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import InputError
-from .nn import log_softmax
-from .stream import logits_of
+from ..backend import to_numpy
+from ..errors import InputError
+from ..nn import log_softmax
+from ..pipeline import logits_of
 
 
 def _log_softmax_at(logits, targets) -> np.ndarray:

@@ -22,9 +22,9 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from .errors import CheckpointError, ConfigError, InputError
-from .families import FAMILIES
-from .families.base import SpecialTokens
+from ..errors import CheckpointError, ConfigError, InputError
+from ..families import FAMILIES
+from ..families.base import SpecialTokens
 
 
 # The defaults HF's tokenizer_config.json gives each family (openai-community/gpt2 and

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``resolve_model_dir("gpt2")`` downloads (once, into huggingface_hub's cache) only what minisq
 reads: config, tokenizer files and the safetensors weights. The pickled
 ``pytorch_model.bin`` is fetched only for repos that have no safetensors, as many
-``facebook/opt-*`` repos do; :mod:`minisq.checkpoint` reads it without running its pickle.
+``facebook/opt-*`` repos do; :mod:`minisq.io.checkpoint` reads it without running its pickle.
 huggingface_hub is imported only when a download is needed, so local folders work without it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # What a hub download fetches: config, tokenizer, and safetensors weights (single or sharded).
 HUB_FILES = [

@@ -1,4 +1,4 @@
-"""``python -m minisq.reproduce``: the paper's emergence curve, on a family of models.
+"""``minisq reproduce``: the paper's emergence curve, on a family of models.
 
 SmoothQuant's story is a curve over model size: naive W8A8 keeps up with the float model
 on small OPTs and collapses from about 6.7B parameters up, where outlier channels emerge;
@@ -63,13 +63,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import data as datasets
-from .calibrate import calibrate
-from .errors import MinisqError
-from .evaluate import LAMBADA_METRICS, lambada_accuracy, perplexity
-from .qlinear import quantize
-from .smooth import smooth
+from .. import __version__
+from ..eval import data as datasets
+from ..calibrate import calibrate
+from ..errors import MinisqError
+from ..eval.evaluate import LAMBADA_METRICS, lambada_accuracy, perplexity
+from ..qlinear import quantize
+from ..smooth import smooth
 
 DEFAULT_MODELS = ("facebook/opt-125m", "facebook/opt-350m", "facebook/opt-1.3b",
                   "facebook/opt-2.7b", "facebook/opt-6.7b")
@@ -251,7 +251,7 @@ def float32_bytes(folder: Path) -> int:
 
 def load_accepts_lazy() -> bool:
     """Whether this minisq's ``load`` takes ``lazy=`` (memory-mapped, layer-at-a-time models)."""
-    from .loading import load
+    from ..io.loading import load
 
     return "lazy" in inspect.signature(load).parameters
 
@@ -260,8 +260,8 @@ def load_model(source: str):
     """``(model, folder, lazy)`` for a hub id or folder: eager when its float32 weights fit in the
     available memory (with the headroom of :data:`EAGER_PEAK_FACTOR`), else lazy when
     ``minisq.load`` can, else :class:`MemoryLimitError`."""
-    from .hub import resolve_model_dir
-    from .loading import load
+    from ..io.hub import resolve_model_dir
+    from ..io.loading import load
 
     folder = resolve_model_dir(source)
     need = int(float32_bytes(folder) * EAGER_PEAK_FACTOR)
@@ -399,8 +399,8 @@ class Variants:
 
     def streamed(self, variant: str, work: Path):
         """The variant written by quantize_checkpoint into ``work`` (or found finished there)."""
-        from .loading import load
-        from .stream import RUN_FILE, quantize_checkpoint
+        from ..io.loading import load
+        from ..pipeline import RUN_FILE, quantize_checkpoint
 
         _, smoothed, preset = VARIANTS[variant]
         run_file = work / RUN_FILE
@@ -595,14 +595,14 @@ def emergence_figure(rows: list, path: Path):
 # ------------------------------------------------------------------ the command
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, prog: str = "minisq reproduce") -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m minisq.reproduce", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-               "  python -m minisq.reproduce                     # OPT 125m ... 6.7b: hub downloads, hours on a CPU\n"
-               "  python -m minisq.reproduce --models facebook/opt-125m gpt2 --eval-tokens 4096\n"
-               "  python -m minisq.reproduce --models ./opt-a ./opt-b --out runs/opt   # local folders\n")
+               "  minisq reproduce                     # OPT 125m ... 6.7b: hub downloads, hours on a CPU\n"
+               "  minisq reproduce --models facebook/opt-125m gpt2 --eval-tokens 4096\n"
+               "  minisq reproduce --models ./opt-a ./opt-b --out runs/opt   # local folders\n")
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                     help="GPT-2/OPT hub ids or local folders (default: the OPT family 125m ... 6.7b)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
@@ -667,8 +667,8 @@ def run(args) -> list:
     return rows
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)  # exits with status 2 on bad arguments
+def main(argv=None, prog: str = "minisq reproduce") -> int:
+    args = parse_args(argv, prog)  # exits with status 2 on bad arguments
     try:
         run(args)
     except MinisqError as exc:

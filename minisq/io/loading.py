@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import check_device
+from ..backend import check_device
 from .checkpoint import bf16_to_float32, decode, float32_to_bf16
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, NonFiniteError
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, NonFiniteError
 from .export import load_saved
-from .families import params_from_state_dict, read_config  # noqa: F401  (params_from_state_dict: public here)
+from ..families import params_from_state_dict, read_config  # noqa: F401  (params_from_state_dict: public here)
 from .hub import resolve_model_dir
-from .model import FLOAT_DTYPES, Model
+from ..model import FLOAT_DTYPES, Model
 from .storage import STORAGE_DTYPES, StoredTensor
-from .synthetic import synthetic_model
+from ..synthetic import synthetic_model
 from .tokenizer import load_tokenizer
 
 
@@ -35,7 +35,7 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     ``dtype``: "float32" (default) or "float64" (for equivalence checks) load every weight
     converted to that dtype, which is also the compute dtype. "float16" or "bfloat16" keep
     the weights in that dtype in memory (half of float32; bfloat16 as its raw bits) and
-    compute each layer in float32 (see :mod:`minisq.storage`).
+    compute each layer in float32 (see :mod:`minisq.io.storage`).
 
     ``lazy=True`` memory-maps the checkpoint instead of reading it: weights stay in the file
     (page cache) in its own dtype, and one decoder layer at a time is widened to the

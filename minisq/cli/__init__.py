@@ -1,0 +1,1 @@
+"""The command-line programs: ``minisq demo | quantize | reproduce`` (see :mod:`minisq.__main__`)."""

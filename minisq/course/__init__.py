@@ -1,0 +1,1 @@
+"""The course's grading helpers (used by ``assignments/``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: the datasets (WikiText-2, LAMBADA), perplexity and last-word accuracy, and figures."""
