@@ -1,9 +1,7 @@
 """One module per model family: the refactor changed no number, generic code asks
 the family, and the forward pass can be driven one layer at a time."""
 
-import ast
 import re
-import subprocess
 import sys
 from pathlib import Path
 

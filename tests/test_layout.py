@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import minisq
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minisq"
