@@ -32,7 +32,9 @@ import numpy as np
 from .backend import to_numpy
 from .errors import CalibrationError
 from .families import FAMILIES, family_for
+from .layerwise import apply_layer, forward_layerwise
 from .progress import progress as show_progress
+from .tree import _map
 
 _FORMAT = "minisq-calibration-v1"
 
@@ -152,8 +154,8 @@ def _smoothing_fingerprint(model) -> str | None:
     return digest.hexdigest()[:16]
 
 
-class _Recorder:
-    """Accumulates the statistics of every observed leaf."""
+class Recorder:
+    """Accumulates the statistics of every observed leaf (see :class:`Observed`)."""
 
     def __init__(self, keep_samples: int):
         self.keep = keep_samples
@@ -188,6 +190,11 @@ class _Recorder:
                 take = x2[: self.keep - n].astype(np.float32)
                 self.samples[name] = take if have is None else np.concatenate([have, take])
 
+    def stats(self, n_tokens: int, signature_: dict) -> "CalibrationStats":
+        """What was recorded, as :class:`CalibrationStats`."""
+        return CalibrationStats(self.channel, self.inp, self.out, self.samples, n_tokens, signature_,
+                                self.out_channel)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Observed:
@@ -195,7 +202,7 @@ class Observed:
 
     leaf: object
     name: str
-    recorder: _Recorder
+    recorder: Recorder
 
     in_features = property(lambda self: self.leaf.in_features)
     out_features = property(lambda self: self.leaf.out_features)
@@ -206,8 +213,25 @@ class Observed:
         return y
 
 
-def _as_sequences(model, batches) -> list:
-    # text or ids -> list of int arrays [B, T] (equal lengths inside one array: no padding)
+def observe(tree, recorder: Recorder, prefix: str = ""):
+    """A new parameter (sub)tree whose linear leaves record into ``recorder`` under their
+    dotted names (``prefix`` is the subtree's own name, e.g. ``"h.3"`` for one layer)."""
+    return _map(tree, lambda name, leaf: Observed(leaf, name, recorder), f"{prefix}." if prefix else "")
+
+
+def calibrate_layer(outer, i: int, layer, xs: list, inputs) -> CalibrationStats:
+    """The statistics of decoder layer ``i``'s linears (its parameters ``layer``) over every
+    batch's hidden states ``xs``, which move on through the layer (see
+    :func:`minisq.layerwise.apply_layer`). What :func:`calibrate` records for these leaves,
+    one layer at a time: the streamed driver (:func:`minisq.quantize_checkpoint`) calls it."""
+    recorder = Recorder(0)
+    apply_layer(outer, i, observe(layer, recorder, outer.family.LAYER_PREFIX.format(i=i)), xs, inputs)
+    return recorder.stats(sum(int(inp.new_mask.sum()) for inp in inputs), {})
+
+
+def as_sequences(model, batches) -> list:
+    """The calibration batches (texts, or id arrays ``[T]`` / ``[B, T]``) as a list of
+    id arrays ``[B, T]``, each run on its own (no padding); empty ones are dropped."""
     if isinstance(batches, (str, np.ndarray)):
         batches = [batches]
     seqs = []
@@ -235,17 +259,15 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
     read, holding one layer and every batch's activations.
     ``keep_samples`` > 0 also keeps that many input rows per layer.
     """
-    seqs = _as_sequences(model, batches)
-    recorder = _Recorder(keep_samples)
-    observed = model.replace_linears(lambda name, leaf: Observed(leaf, name, recorder))
+    seqs = as_sequences(model, batches)
+    recorder = Recorder(keep_samples)
+    observed = model.evolve(params=observe(model.params, recorder))
     n_tokens = sum(int(ids.size) for ids in seqs)
     if model.lazy:   # memory-mapped: every layer over every sequence, each layer read once
-        from .pipeline import forward_layerwise
         for _ in forward_layerwise(observed, [(ids, None) for ids in seqs], progress, "calibrating"):
             pass
     else:
         for ids in show_progress(seqs, progress, "calibrating"):
             observed(ids)
-    return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
-                            n_tokens, signature(model), recorder.out_channel)
+    return recorder.stats(n_tokens, signature(model))
 

@@ -1,32 +1,38 @@
-"""Layer by layer: models bigger than memory (the loop over layers outermost).
+"""SmoothQuant as a streamed pipeline: models bigger than memory, one layer at a time.
 
-Legend: N calibration/evaluation batches, B batch, T tokens, C hidden.
+Legend: N calibration batches, B batch, T tokens, C hidden.
 
-A forward pass is ``embed → block 0 → … → block L-1 → head``. Running it batch by batch
-reads every layer once per batch; swapping the two loops — *for each layer, for each
-batch* — reads every layer once in total, so only one layer's weights (widened to float32)
-need to be in memory, plus the activations of all batches ``N · [B, T, C]``. That is how
-production tools quantize models larger than a GPU (llm-compressor's "sequential
-onloading", NVIDIA ModelOpt's layerwise calibration), and what :func:`forward_layerwise`,
-:func:`quantize_checkpoint` and the lazy paths of calibration and evaluation do here.
+:func:`quantize_checkpoint` runs the loop over layers outermost (see
+:mod:`minisq.layerwise`): for each decoder layer in turn it calibrates the layer on the
+activations that reach it, smooths it, calibrates the smoothed layer (static scales),
+quantizes it and writes it, carrying the activations on. Each of those steps is the very
+function the in-memory pipeline calls —
 
-:func:`quantize_checkpoint` is SmoothQuant as a streamed pipeline: for each decoder layer
-in turn it calibrates the layer on the activations that reach it, smooths it, calibrates
-the smoothed layer (static scales), quantizes it and writes it, carrying the activations
-on. It computes exactly what the in-memory pipeline computes,
+=================  =========================================  ===============================
+step               one layer, streamed                        whole model, in memory
+=================  =========================================  ===============================
+observe            :func:`~minisq.calibrate.calibrate_layer`  :func:`minisq.calibrate`
+choose groups      :func:`~minisq.smooth.smoothing_rows`      :func:`minisq.smooth`
+factor and fold    :func:`~minisq.smooth.smooth_layer`        :func:`minisq.smooth` (per layer)
+quantize leaves    :func:`~minisq.qlinear.quantize_leaves`    :func:`minisq.quantize`
+attention scales   :func:`~minisq.attnquant.attention_quant`  :func:`minisq.quantize`
+=================  =========================================  ===============================
 
-    stats = calibrate(m, calib); sm = smooth(m, stats, α)
-    q = quantize(sm, preset, stats=calibrate(sm, calib))
+— so the result is the in-memory pipeline's,
+
+    stats = calibrate(m, calib); sm = smooth(m, stats, α, groups)
+    q = quantize(sm, preset, stats=calibrate(sm, calib), ...)
 
 bit for bit: the same batches go through the same block functions in the same order (the
 unsmoothed activations are carried beside the smoothed ones for that), and smoothing and
 quantization act on one layer at a time anyway. Killed at any point, it resumes after the
-last finished layer with the same result.
+last finished layer with the same result. The file-writing part (``_prepare_dst``,
+``_write_json``, ``_save_file``, the carry files) is kept apart from the algorithm.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,61 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import CalibrationStats
+from .attnquant import AttentionQuant, attention_quant
+from .calibrate import Recorder, as_sequences, calibrate_layer, observe
 from .errors import CheckpointError, ConfigError
+from .layerwise import embed_all, forward_layerwise  # noqa: F401  (forward_layerwise: public here too)
 from .progress import progress as show_progress
+from .qlinear import DEFAULT_SKIP, quant_spec, quantize_leaves
+from .smooth import resolve_groups, smooth_layer, smoothing_info, smoothing_rows
+from .tree import _walk
 
 RUN_FILE = "quantize_run.json"
-FORMAT = "minisq-quantize-run-v1"
-
-
-def forward_layerwise(model, batches, progress: bool = False, desc: str = "layers"):
-    """Logits of every ``(ids [B, T], mask [B, T] or None)`` batch, computed layer-outer.
-
-    Each layer is widened once (see :meth:`minisq.Model.layer`) and applied to every batch
-    before the next is read. Yields ``logits [B, T, V]`` batch by batch at the end (the head
-    runs per batch, so all the logits are never held at once). What it holds in memory:
-    one layer in the compute dtype, every batch's hidden states ``[B, T, C]``, and one
-    batch's logits.
-    """
-    family, outer = model.family, model.outer()
-    inputs = [model.prepare(ids, mask) for ids, mask in batches]
-    xs = embed_all(outer, inputs)                                                          # N x [B, T, C]
-    for i in show_progress(range(model.config.num_layers), progress, desc):
-        apply_layer(outer, i, model.layer(i), xs, inputs)
-    for n, inp in enumerate(inputs):
-        logits = family.head(outer, xs[n], inp.new_mask)
-        xs[n] = None
-        model.check_logits(logits)
-        yield logits[0] if inp.squeeze else logits
-
-
-def embed_all(outer, inputs) -> list:
-    """The embeddings of every prepared batch (``outer``: see :meth:`minisq.Model.outer`)."""
-    # N x Inputs -> N x [B, T, C]
-    return [outer.family.embed(outer, inp.ids, inp.positions, inp.new_mask) for inp in inputs]
-
-
-def apply_layer(outer, i: int, layer, xs: list, inputs) -> None:
-    """Decoder layer ``i`` (its parameters ``layer``) applied to every batch's hidden states,
-    in place: each batch's old states are freed as soon as its new ones exist."""
-    # N x [B, T, C] -> N x [B, T, C]
-    for n, inp in enumerate(inputs):
-        xs[n] = outer.family.block(outer, i, layer, xs[n], inp.bias, inp.new_mask, None, inp.positions)
-
-
-def logits_of(model, batches, progress: bool = False, desc: str = "batches"):
-    """``model(ids, mask)`` for every batch: batch by batch for a model in memory, layer-outer
-    (:func:`forward_layerwise`) for a lazy one, whose layers are then read once."""
-    if model.lazy:
-        yield from forward_layerwise(model, batches, progress, desc + " (layer by layer)")
-        return
-    for ids, mask in show_progress(batches, progress, desc):
-        yield model(ids, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# quantize_checkpoint
+FORMAT = "minisq-quantize-run-v2"
 
 
 def _calib_digest(seqs) -> str:
@@ -101,15 +63,21 @@ def _calib_digest(seqs) -> str:
 
 
 def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: bool = True, groups=None,
-                        skip=None, attn_bmm=False, resume: bool = True, progress: bool = True):
+                        skip=None, attn_bmm=False, resume: bool = True, progress: bool = True,
+                        threshold: float | None = None, group_size: int | None = None, kv_cache: str = "float",
+                        path: str = "int"):
     """SmoothQuant a checkpoint layer by layer into ``dst``, a folder ``minisq.load`` reads.
 
     ``src``: a checkpoint folder or hub id, read lazily (memory-mapped). ``calib``: texts or
     token-id arrays, as for :func:`minisq.calibrate`. For each decoder layer in turn:
-    calibrate it, smooth it (``alpha``, ``groups``), calibrate the smoothed layer, quantize
-    it with ``preset`` (``skip``, ``attn_bmm`` as in :func:`minisq.quantize`; the integer
-    path), write it, and carry the activations on. The result is bit-identical to the
-    in-memory pipeline (see the module docstring).
+    calibrate it, smooth it (``alpha``, ``groups`` as in :func:`minisq.smooth`; ``None`` =
+    ``"default"``), calibrate the smoothed layer, quantize it with ``preset`` (a SmoothQuant
+    preset or a baseline; ``skip``, ``attn_bmm``, ``threshold``, ``group_size``, ``kv_cache``
+    and ``path`` as in :func:`minisq.quantize`), write it, and carry the activations on.
+    Leaves outside the decoder layers that ``skip`` does not keep float (e.g. ``skip=()``
+    quantizes the LM head) are quantized at the end, their static ranges observed on the
+    carried activations. The result is bit-identical to the in-memory pipeline (see the
+    module docstring).
 
     With ``resume`` (default), a ``dst`` holding an unfinished run *of the same arguments*
     continues after its last finished layer, with the same result as an uninterrupted run;
@@ -118,26 +86,20 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     What it holds in memory: one layer in float32, the calibration activations (twice when
     smoothing: the unsmoothed ones give the smoothing statistics), and one layer's stats.
     """
-    from .calibrate import _as_sequences
     from .io.loading import load
-    from .qlinear import ATTN_BMM_MODES, DEFAULT_SKIP, PRESETS
-    from .smooth import DEFAULT_GROUPS
 
-    groups = tuple(DEFAULT_GROUPS if groups is None else groups)
-    skip = tuple(DEFAULT_SKIP if skip is None else skip)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    if not any(attn_bmm is m or (isinstance(attn_bmm, str) and attn_bmm == m) for m in ATTN_BMM_MODES):
-        raise ConfigError(f"attn_bmm={attn_bmm!r} is not one of {ATTN_BMM_MODES}")
-    if attn_bmm == "static" and PRESETS[preset]["acts"] != "static":
-        raise ConfigError("attn_bmm='static' is the official int8 O3 path: it needs preset 'O3'")
+    if preset is None:
+        raise ConfigError("quantize_checkpoint needs a preset (naive, O1, O2, O3 or a baseline)")
+    spec = quant_spec(preset, path=path, skip=DEFAULT_SKIP if skip is None else skip, attn_bmm=attn_bmm,
+                      threshold=threshold, group_size=group_size, kv_cache=kv_cache)
     model = load(src, lazy=True)
-    seqs = _as_sequences(model, calib)
+    groups = resolve_groups(model.config, groups)
+    seqs = as_sequences(model, calib)
     dst = Path(dst)
-    key = dict(format=FORMAT, src=str(src), preset=preset, alpha=alpha, smooth=bool(smooth), groups=list(groups),
-               skip=list(skip), attn_bmm=attn_bmm, calib=_calib_digest(seqs), layers=model.config.num_layers)
+    key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=bool(smooth), groups=list(groups),
+               quantization=spec.info(), calib=_calib_digest(seqs), layers=model.config.num_layers)
     done = _prepare_dst(dst, key, resume)
-    run = _Run(model, dst, preset, alpha, smooth, groups, skip, attn_bmm, seqs)
+    run = _Run(model, dst, spec, alpha, smooth, groups, seqs)
     run.start(done)
     bar = show_progress(range(done, model.config.num_layers), progress, "quantizing layers")
     n_tokens = sum(int(ids.size) for ids in seqs)
@@ -151,6 +113,10 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     _write_json(dst / RUN_FILE, {"key": key, "layers_done": model.config.num_layers, "finished": True})
     run.clean_up()
     return dst
+
+
+# --------------------------------------------------------------------------------------------
+# the files: a run's key and progress, atomic writes
 
 
 def _prepare_dst(dst: Path, key: dict, resume: bool) -> int:
@@ -218,9 +184,9 @@ class _Run:
     """The state of one quantize_checkpoint run: the model, the carried activations, and
     what is written per layer (see :func:`quantize_checkpoint`)."""
 
-    def __init__(self, model, dst, preset, alpha, smooth, groups, skip, attn_bmm, seqs):
-        self.model, self.dst, self.preset, self.alpha = model, dst, preset, alpha
-        self.smooth, self.groups, self.skip, self.attn_bmm = smooth, groups, skip, attn_bmm
+    def __init__(self, model, dst, spec, alpha, smooth, groups, seqs):
+        self.model, self.dst, self.spec, self.alpha, self.smooth, self.groups = model, dst, spec, alpha, smooth, groups
+        self.rows = smoothing_rows(model.config, groups) if smooth else []
         self.family, self.outer = model.family, model.outer()
         self.inputs = [model.prepare(ids) for ids in seqs]           # each calibration batch unpadded
         self.key = self.family.LAYER_PREFIX.split(".")[0]            # "h", "layers"
@@ -252,63 +218,50 @@ class _Run:
         if old.exists():
             old.unlink()
 
-    # --- one layer --------------------------------------------------------------------------
-    def _observe(self, i: int, layer, xs: list):
-        """Run layer i over every batch with observers; updates ``xs`` in place."""
-        from .calibrate import Observed, _Recorder
-        from .tree import _map
-
-        recorder = _Recorder(0)
-        prefix = self.family.LAYER_PREFIX.format(i=i)
-        apply_layer(self.outer, i, _map(layer, lambda name, leaf: Observed(leaf, f"{prefix}.{name}", recorder), ""),
-                    xs, self.inputs)
-        return recorder
-
+    # --- one layer: the algorithm's steps, then its files -------------------------------------
     def layer(self, i: int) -> None:
         """Layer i: calibrate, smooth, calibrate again, quantize, write; carry the activations."""
         from .io.export import _encode
-        from .qlinear import PRESETS, quantize_linear
-        from .smooth import apply_smoothing, mappings_for, smoothing_factors, weight_absmax
-        from .tree import _map
 
         prefix = self.family.LAYER_PREFIX.format(i=i)
-        layer = self.model.layer(i)                                           # float32 arrays
+        layer = self.model.layer(i)                                                   # float32 arrays
         factors = {}
         if self.smooth:
-            stats = self._observe(i, layer, self.float_xs)                    # the unsmoothed layer's ranges
-            tree = {self.key: [None] * i + [layer]}                           # dotted names as in the model
-            for m in mappings_for(self.model.config, self.groups):
-                if not m.source.startswith(prefix + "."):
-                    continue
-                a = self.alpha.get(m.source, self.alpha.get("*", 0.5)) if isinstance(self.alpha, dict) else self.alpha
-                s = smoothing_factors(stats.channel[m.targets[0]], weight_absmax(tree, m.targets), a)
-                factors[m.source] = s
-                tree = apply_smoothing(tree, m, s)
-            layer = tree[self.key][i]
-        stats = self._observe(i, layer, self.smooth_xs)                        # the smoothed layer's ranges
+            stats = calibrate_layer(self.outer, i, layer, self.float_xs, self.inputs)  # the float layer's ranges
+            layer, factors = smooth_layer(self.model.config, i, layer, stats, self.alpha, self.rows)
+        stats = calibrate_layer(self.outer, i, layer, self.smooth_xs, self.inputs)      # the smoothed layer's
         if not self.smooth:
             self.float_xs = self.smooth_xs
-        granularity = PRESETS[self.preset]
-
-        def swap(name, leaf):
-            full = f"{prefix}.{name}"
-            if any(fnmatch.fnmatchcase(full, pattern) for pattern in self.skip):
-                return leaf
-            x_absmax = stats.inp[full] if granularity["acts"] == "static" else None
-            return quantize_linear(leaf, granularity["weights"], granularity["acts"], x_absmax, "int")
-
-        quantized = _map(layer, swap, "")
+        quantized = quantize_leaves(layer, self.spec, stats, self.model.dtype, prefix)
         tensors: dict = {}
         skeleton = _encode(quantized, prefix, tensors)
         tensors.update({f"smoothing.{src}": s for src, s in factors.items()})
-        note = {"skeleton": skeleton, "factors": sorted(factors)}
-        if self.attn_bmm is not False and granularity["acts"] == "static":
-            # max |q|, |k|, |v| of this layer's projections, read as calibrate() reads them
-            ranges = CalibrationStats({}, {}, {}, {}, 0, {}, stats.out_channel)
-            note["qkv_absmax"] = list(ranges.qkv_absmax(self.model, i))
+        note = {"skeleton": skeleton, "factors": list(factors)}
+        if self.spec.attn_bmm is not False and self.spec.acts == "static":
+            note["qkv_absmax"] = [float(a) for a in stats.qkv_absmax(self.model, i)]
         _save_file(tensors, self.dst / f"layer-{i:05d}.safetensors")
         _write_json(self.dst / f"layer-{i:05d}.json", note)
         self._save_carry(i)
+
+    def _outer_params(self) -> dict:
+        """The parameters outside the decoder layers (embedding first), quantized where
+        ``skip`` does not keep them float; static ranges observed on the carried activations
+        (the embedding's projection on the embedded batches, the head's on the last layer's
+        outputs), as :func:`minisq.calibrate` observes them."""
+        embedding = self.outer._embedding()
+        params = {self.family.EMBEDDING: embedding,
+                  **{k: v for k, v in self.outer.params.items() if v is not embedding and k != self.key}}
+        if all(self.spec.skips(name) for name, _ in _walk(params, "")):
+            return params
+        stats = None
+        if self.spec.acts == "static":
+            recorder = Recorder(0)
+            observed = self.outer.evolve(params=observe(self.outer.params, recorder))
+            embed_all(observed, self.inputs)
+            for x, inp in zip(self.smooth_xs, self.inputs):
+                self.family.head(observed, x, inp.new_mask)                        # one batch's logits at a time
+            stats = recorder.stats(0, {})
+        return quantize_leaves(params, self.spec, stats, self.model.dtype)
 
     # --- the end ----------------------------------------------------------------------------
     def finish(self, src) -> None:
@@ -316,38 +269,31 @@ class _Run:
         (a folder without it is no model). Run again after a kill, it writes the same."""
         from .io.export import FORMAT as MODEL_FORMAT
         from .io.export import _encode
-        from .qlinear import PRESETS, qkv_scales
 
         model, L = self.model, self.model.config.num_layers
-        embedding = self.outer._embedding()
-        outer_params = {self.family.EMBEDDING: embedding,
-                        **{k: v for k, v in self.outer.params.items() if v is not embedding and k != self.key}}
+        outer_params = self._outer_params()
         tensors: dict = {}
-        outer_skeleton = _encode(outer_params, "", tensors, embedding)["dict"]
+        outer_skeleton = _encode(outer_params, "", tensors, self.outer._embedding())["dict"]
         _save_file(tensors, self.dst / "model.safetensors")
         notes = [json.loads((self.dst / f"layer-{i:05d}.json").read_text()) for i in range(L)]
         layer_skeletons = [note["skeleton"] for note in notes]
         factor_names = [name for note in notes for name in note["factors"]]
         order = [self.family.EMBEDDING] + [k for k in model.params if k != self.family.EMBEDDING]
         skeleton = {"dict": {k: ({"list": layer_skeletons} if k == self.key else outer_skeleton[k]) for k in order}}
-        granularity = PRESETS[self.preset]
         info = {"source": str(src)}
         info_tensors: dict = {}
         if self.smooth:
-            info["smoothing"] = {"alpha": self.alpha if not isinstance(self.alpha, dict) else dict(self.alpha),
-                                 "groups": list(self.groups)}
-        info["quantization"] = dict(preset=self.preset, weights=granularity["weights"], acts=granularity["acts"],
-                                    path="int", skip=list(self.skip), attn_bmm=self.attn_bmm)
+            info["smoothing"] = smoothing_info(self.alpha, self.groups)
+        info["quantization"] = self.spec.info()
         info_skeleton = _encode(info, "info", info_tensors)
         if self.smooth:   # the factors stay in the layer shards; refer to them by name
             info_skeleton["dict"]["smoothing"]["dict"]["factors"] = {
                 "dict": {name: {"tensor": f"smoothing.{name}"} for name in factor_names}}
+        maxima = [note["qkv_absmax"] for note in notes] if "qkv_absmax" in notes[0] else None
+        attn_quant = attention_quant(self.spec, model, maxima)
         attn = None
-        if self.attn_bmm is not False:
-            static = None
-            if granularity["acts"] == "static":
-                static = tuple(qkv_scales(model, note["qkv_absmax"]) for note in notes)
-            fields = dict(acts=granularity["acts"], path="int", static=static, probs_int8=self.attn_bmm == "static")
+        if attn_quant is not None:
+            fields = {f.name: getattr(attn_quant, f.name) for f in dataclasses.fields(AttentionQuant)}
             attn = _encode(fields, "attn_quant", info_tensors)
         shards = ["model.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(L)]
         if info_tensors:   # the static attention scales

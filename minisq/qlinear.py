@@ -64,11 +64,13 @@ import numpy as np
 from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
-from .gemm import int8_bmm, int8_linear, pack_weight_tn
-from .nn import Int8WeightShape, Linear, merge_heads, softmax, split_heads
+from .gemm import int8_linear, pack_weight_tn
+from .nn import Int8WeightShape, Linear
 from .io.storage import materialize
+from .tree import _map
+from .attnquant import AttentionQuant, attention_quant, qkv_scales, static_qkv_scales  # noqa: F401
 from .quant import (
-    QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
+    dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
     quantize_per_tensor, quantize_per_token,
 )
 
@@ -254,29 +256,42 @@ ATTN_BMM_MODES = (False, True, "static")
 DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
 
 
-def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
-             stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
-             group_size: int | None = None, kv_cache: str = "float"):
-    """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
-    (or a baseline's leaf, :mod:`minisq.baselines`).
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how, checked (see :func:`quant_spec`): the granularities, the
+    path, the leaves kept in float, attention, the baselines' options and the KV cache."""
 
-    ``preset`` ("naive", "O1", "O2", "O3") sets ``weights`` and ``acts`` as in the paper's
-    Table 2. The paper's baselines are presets too (:data:`minisq.baselines.BASELINES`):
-    "w8a16" (weight-only INT8), "zeroquant" (``group_size``, default 128, must divide every
-    quantized layer's C_in) and "llm.int8" (``threshold``, default 6.0). ``kv_cache="int8"``
-    stores the attention's keys and values as int8 with per-token, per-head scales (see
-    :mod:`minisq.kvquant`). ``acts="static"`` needs ``stats`` from :func:`minisq.calibrate` on this very
-    model (after smoothing, if it was smoothed). ``skip`` holds glob patterns of leaf names
-    kept in float; the default keeps the official code's layer set (decoder-layer linears
-    only: ``lm_head`` and OPT's ``project_in``/``project_out`` stay float).
+    preset: str
+    weights: str
+    acts: str
+    path: str = "int"
+    skip: tuple = DEFAULT_SKIP
+    attn_bmm: object = False
+    threshold: float | None = None
+    group_size: int | None = None
+    kv_cache: str = "float"
 
-    ``attn_bmm`` quantizes attention as the official SmoothQuant code does (see
-    :class:`AttentionQuant`): ``True`` quantizes the outputs of the q, k and v projections
-    with the activation granularity (static scales for ``acts="static"``) and keeps the
-    softmax probabilities P in float; ``"static"`` is the official int8 OPT model's scheme
-    (needs ``acts="static"``, i.e. O3): static q/k/v scales and P as int8 at 1/127. The input
-    model is untouched.
-    """
+    def skips(self, name: str) -> bool:
+        """True for a leaf that stays float (its dotted name matches a ``skip`` pattern)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.skip)
+
+    def info(self) -> dict:
+        """What ``model.info["quantization"]`` records (minisq.kvquant reads kv_cache from it)."""
+        info = dict(preset=self.preset, weights=self.weights, acts=self.acts, path=self.path,
+                    skip=list(self.skip), attn_bmm=self.attn_bmm)
+        # the baselines' options and the KV cache's storage, recorded only where they apply
+        info.update({k: v for k, v in dict(threshold=None if self.threshold is None else float(self.threshold),
+                                           group_size=self.group_size).items() if v is not None})
+        if self.kv_cache != "float":
+            info["kv_cache"] = self.kv_cache
+        return info
+
+
+def quant_spec(preset: str | None = None, weights: str = "per_channel", acts: str = "per_token", path: str = "int",
+               skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None, group_size: int | None = None,
+               kv_cache: str = "float") -> QuantSpec:
+    """The :class:`QuantSpec` of :func:`quantize`'s options (a preset sets ``weights``,
+    ``acts`` and the baselines' defaults), or a ConfigError naming the option that does not fit."""
     if preset is not None:
         table = {**PRESETS, **BASELINES}
         if preset not in table:
@@ -301,125 +316,74 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     if attn_bmm == "static" and acts != "static":
         raise ConfigError("attn_bmm='static' is the official int8 O3 path: it needs acts='static' (preset 'O3') "
                           "and calibration stats")
+    if isinstance(skip, str):
+        skip = (skip,)
+    return QuantSpec(preset or "custom", weights, acts, path, tuple(skip), attn_bmm, threshold, group_size, kv_cache)
+
+
+def quantize_leaves(tree, spec: QuantSpec, stats=None, dtype=np.float32, prefix: str = ""):
+    """A new parameter (sub)tree whose float linear leaves are quantized per ``spec``
+    (:func:`quantize_linear`); leaves matching ``spec.skip`` stay as they are.
+
+    ``prefix`` is the subtree's dotted name (``""`` for a whole model, ``"h.3"`` for one
+    layer): skip patterns and ``stats`` see full names. Static activations take their
+    scale from ``stats.input_absmax_of(name)``; a ZeroQuant group size must divide every
+    quantized leaf's C_in. Weights kept as stored (float16/bfloat16, memory-mapped) are
+    widened to ``dtype`` one leaf at a time. The in-memory :func:`quantize` and the streamed
+    :func:`minisq.quantize_checkpoint` both call it.
+    """
+    def swap(name, leaf):
+        if spec.skips(name):
+            return leaf
+        x_absmax = stats.input_absmax_of(name) if spec.acts == "static" else None
+        if spec.group_size is not None:
+            check_group_size(spec.group_size, leaf.w.shape[0], name)
+        return quantize_linear(materialize(leaf, dtype), spec.weights, spec.acts, x_absmax, spec.path,
+                               spec.threshold, spec.group_size)
+
+    return _map(tree, swap, f"{prefix}." if prefix else "")
+
+
+def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
+             stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
+             group_size: int | None = None, kv_cache: str = "float"):
+    """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
+    (or a baseline's leaf, :mod:`minisq.baselines`).
+
+    ``preset`` ("naive", "O1", "O2", "O3") sets ``weights`` and ``acts`` as in the paper's
+    Table 2. The paper's baselines are presets too (:data:`minisq.baselines.BASELINES`):
+    "w8a16" (weight-only INT8), "zeroquant" (``group_size``, default 128, must divide every
+    quantized layer's C_in) and "llm.int8" (``threshold``, default 6.0). ``kv_cache="int8"``
+    stores the attention's keys and values as int8 with per-token, per-head scales (see
+    :mod:`minisq.kvquant`). ``acts="static"`` needs ``stats`` from :func:`minisq.calibrate` on this very
+    model (after smoothing, if it was smoothed). ``skip`` holds glob patterns of leaf names
+    kept in float; the default keeps the official code's layer set (decoder-layer linears
+    only: ``lm_head`` and OPT's ``project_in``/``project_out`` stay float).
+
+    ``attn_bmm`` quantizes attention as the official SmoothQuant code does (see
+    :class:`~minisq.attnquant.AttentionQuant`): ``True`` quantizes the outputs of the q, k
+    and v projections with the activation granularity (static scales for ``acts="static"``)
+    and keeps the softmax probabilities P in float; ``"static"`` is the official int8 OPT
+    model's scheme (needs ``acts="static"``, i.e. O3): static q/k/v scales and P as int8 at
+    1/127. The input model is untouched. The leaves are quantized by :func:`quantize_leaves`.
+    """
+    spec = quant_spec(preset, weights, acts, path, skip, attn_bmm, threshold, group_size, kv_cache)
     if model.info.get("quantization"):
         raise ConfigError("this model is already quantized; quantize the float (or smoothed) model instead")
     if model.dtype not in (np.float32, np.float64):
         raise ConfigError(f"quantize a float32 or float64 model (this one is {model.dtype}): "
                           "the W8A8 epilogue computes in float32 or float64")
-    if acts == "static":
+    if spec.acts == "static":
         if stats is None:
             raise CalibrationError("acts='static' (preset O3) needs calibration stats: "
                                    "stats = minisq.calibrate(model, batches), then quantize(model, ..., stats=stats)")
         stats.check_matches(model)
-
-    def swap(name, leaf):
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
-            return leaf
-        x_absmax = stats.input_absmax_of(name) if acts == "static" else None
-        if group_size is not None:
-            check_group_size(group_size, leaf.w.shape[0], name)
-        # weights kept as float16/bfloat16 (or memory-mapped) are widened one leaf at a time
-        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path, threshold, group_size)
-
-    info = dict(preset=preset or "custom", weights=weights, acts=acts, path=path,
-                skip=list(skip), attn_bmm=attn_bmm)
-    # the baselines' options and the KV cache's storage, recorded only where they apply
-    # (minisq.kvquant reads kv_cache from here)
-    info.update({k: v for k, v in dict(threshold=None if threshold is None else float(threshold),
-                                       group_size=group_size).items() if v is not None})
-    if kv_cache != "float":
-        info["kv_cache"] = kv_cache
-    qmodel = model.replace_linears(swap, quantization=info)
-    if attn_bmm is not False:
-        static = static_qkv_scales(model, stats) if acts == "static" else None
-        qmodel = qmodel.evolve(attn_quant=AttentionQuant(acts, path, static, probs_int8=attn_bmm == "static"))
-    return qmodel
-
-
-def static_qkv_scales(model, stats) -> tuple:
-    """Per layer ``(Δq, Δk, Δv)`` = calibrated ``max|y| / 127`` of the q, k and v projection
-    outputs (the official ``get_static_decoder_layer_scales``), in the model's dtype, with the
-    quantizers' zero-range guard. GPT-2's fused ``c_attn`` gives q, k, v as thirds of its
-    output: each third has its own range."""
-    return tuple(qkv_scales(model, stats.qkv_absmax(model, i)) for i in range(model.config.num_layers))
-
-
-def qkv_scales(model, maxima) -> tuple:
-    """``(Δq, Δk, Δv)`` of one layer from its calibrated ``(max|q|, max|k|, max|v|)``: ``max / 127``
-    in the model's dtype, with the quantizers' zero-range guard."""
-    xp = model.xp
-    return tuple(dynamic_scale(xp, xp.asarray(m, dtype=model.dtype)) for m in maxima)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AttentionQuant:
-    """Attention with quantized q, k, v — the official SmoothQuant scheme.
-
-    The official fake-quant code does not quantize the operands of the two batched matmuls
-    directly: it quantizes the *outputs of the q, k and v projections* with the activation
-    granularity (per-token, or per-tensor = per sequence), before q is multiplied by 1/√D,
-    and it leaves the softmax probabilities P in float:
-
-        scores = (q̂ · 1/√D) k̂ᵀ + bias,   P = softmax(scores),   out = P v̂
-
-    with ``x̂ = dequantize(quantize(x))``. ``path="int"`` computes the same thing on the
-    integers: ``q̄ k̄ᵀ`` is an INT8 BMM into int32 and the epilogue multiplies by
-    ``(Δq[t] · 1/√D) · Δk[s]`` (a row and a column scale, as in a W8A8 GEMM); ``P v̂`` stays
-    a float matmul because P has no int8 form in this scheme.
-
-    ``probs_int8=True`` (``acts="static"`` only) is the official *int8* OPT model: static
-    q/k/v scales and P quantized to int8 with the fixed scale 1/127 (P ∈ [0, 1]), so P·V is
-    an INT8 BMM too: ``out = (1/127 · Δv) · (P̄ V̄)``. ``static`` holds ``(Δq, Δk, Δv)`` per
-    layer. Differences that remain from the official int8 kernels: minisq keeps the linear
-    biases in float (torch-int quantizes them to int8), folds 1/√D into the epilogue rather
-    than into q_proj's weights (the same up to rounding), and clips codes to ±127 (the
-    official kernels can produce -128).
-    """
-
-    acts: str = "per_token"
-    path: str = "int"
-    static: tuple | None = None
-    probs_int8: bool = False
-
-    def quantize(self, x, mask, which: int, layer: int):
-        # [B, T, C] float, [B, T] -> [B, T, C] int8, scale [B, T, 1] (broadcast per token)
-        if self.acts == "per_token":
-            x_q, s = quantize_per_token(x)
-        elif self.acts == "per_tensor":
-            x_q, s = quantize_per_sequence(x, mask)
-        else:
-            x_q, s = quantize_per_tensor(x, self.static[layer][which])
-        xp = get_array_module(x)
-        return x_q, xp.broadcast_to(xp.asarray(s, dtype=x.dtype), x.shape[:-1] + (1,))
-
-    def __call__(self, layer: int, q, k, v, mask, bias, scale: float, num_heads: int, cache=None):
-        """Attention output ``[B, T, C]`` from the q, k, v projection outputs ``[B, T, C]``
-        (``mask`` ``[B, T]`` marks the new tokens that are real; ``bias`` ``[B, 1, T, S]``).
-        The KV cache stores k and v as int8 codes with their per-token scales."""
-        xp = get_array_module(q)
-        dtype = q.dtype
-        (q_q, q_s), (k_q, k_s), (v_q, v_s) = (self.quantize(a, mask, j, layer) for j, a in enumerate((q, k, v)))
-        q_q, k_q, v_q = (split_heads(a, num_heads) for a in (q_q, k_q, v_q))      # [B, H, T, D] int8
-        q_s, k_s, v_s = (s[:, None] for s in (q_s, k_s, v_s))                     # [B, 1, T, 1]
-        if cache is not None:
-            k_q, k_s, v_q, v_s = cache.update(layer, k_q, k_s, v_q, v_s)         # [.., S, ..]
-        if self.path == "fake":
-            scores = (dequantize(q_q, q_s) * dtype.type(scale)) @ dequantize(k_q, k_s).swapaxes(-1, -2)
-        else:
-            acc = int8_bmm(q_q, k_q.swapaxes(-1, -2))                          # [B, H, T, S] int32
-            # the W8A8 epilogue with a row (query token) and a column (key token) scale
-            scores = acc.astype(dtype) * ((q_s * dtype.type(scale)) * k_s.swapaxes(-1, -2))
-        scores += bias
-        p = softmax(scores, inplace=True)                                     # [B, H, T, S]
-        if not self.probs_int8:
-            return merge_heads(p @ dequantize(v_q, v_s))
-        p_q = xp.clip(xp.rint(p * dtype.type(QMAX)), 0, QMAX).astype(xp.int8)  # P̄ = round(127 P)
-        p_s = xp.asarray(1 / QMAX, dtype=dtype)
-        v_s0 = self.static[layer][2]                                         # static: one Δv
-        if self.path == "fake":
-            return merge_heads(dequantize(p_q, p_s) @ dequantize(v_q, v_s0))
-        acc = int8_bmm(p_q, v_q)                                             # [B, H, T, D] int32
-        return merge_heads(acc.astype(dtype) * (p_s * v_s0))
+    params = quantize_leaves(model.params, spec, stats, model.dtype)
+    maxima = None
+    if spec.attn_bmm is not False and spec.acts == "static":
+        maxima = [stats.qkv_absmax(model, i) for i in range(model.config.num_layers)]
+    return model.evolve(params=params, info={**model.info, "quantization": spec.info()},
+                        attn_quant=attention_quant(spec, model, maxima))
 
 
 def weight_memory(model) -> dict:

@@ -57,26 +57,50 @@ def smoothing_factors(act_max, w_max, alpha: float):
     return xp.where(a > 0, s, 1.0)
 
 
+def resolve_groups(config, groups=None) -> tuple:
+    """The names of the smoothing groups ``groups`` selects for this model: ``None`` or
+    ``"default"`` the official code's (:data:`DEFAULT_GROUPS`), ``"all"`` every row of the
+    family's table, one group's name, or any sequence of names. ConfigError for a name the
+    family does not have."""
+    table = family_for(config).SMOOTHING
+    known = tuple(dict.fromkeys(m.group for m in table))
+    if groups is None or (isinstance(groups, str) and groups == "default"):
+        groups = DEFAULT_GROUPS
+    elif isinstance(groups, str):
+        groups = known if groups == "all" else (groups,)
+    try:
+        groups = tuple(groups)
+    except TypeError:
+        raise ConfigError(f"groups must be 'default', 'all' or a sequence of group names, got {groups!r}") from None
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise ConfigError(f"unknown smoothing groups {unknown} for {config.model_type}; "
+                          f"this architecture has {sorted(known)}")
+    return groups
+
+
+def smoothing_rows(config, groups=None) -> list:
+    """The rows of the family's table (``{i}`` not filled in) that ``groups`` selects and that
+    are equivalences for this config; the others are left out with a warning."""
+    family = family_for(config)
+    groups = resolve_groups(config, groups)
+    chosen = [m for m in family.SMOOTHING if m.group in groups]
+    return family.foldable(config, chosen)   # e.g. post-LN OPT: no LayerNorm rows (with a warning)
+
+
+def layer_mapping(row: Mapping, i: int) -> Mapping:
+    """A table row with the layer index ``i`` filled in."""
+    return dataclasses.replace(row, source=row.source.format(i=i), targets=tuple(t.format(i=i) for t in row.targets))
+
+
 def mappings_for(config, groups=DEFAULT_GROUPS) -> list:
-    """The concrete mappings (layer index filled in) of ``groups`` for this model.
+    """The concrete mappings (layer index filled in) of ``groups`` for this model, layer by
+    layer (see :func:`resolve_groups`).
 
     Mappings that would not be equivalences for this config are left out with a warning.
     """
-    family = family_for(config)
-    table = family.SMOOTHING
-    known = {m.group for m in table}
-    if groups == "all":
-        groups = tuple(m.group for m in table)
-    unknown = set(groups) - known
-    if unknown:
-        raise ConfigError(f"unknown smoothing groups {sorted(unknown)} for {config.model_type}; "
-                          f"this architecture has {sorted(known)}")
-    chosen = [m for m in table if m.group in groups]
-    chosen = family.foldable(config, chosen)   # e.g. post-LN OPT: no LayerNorm rows (with a warning)
-    return [
-        dataclasses.replace(m, source=m.source.format(i=i), targets=tuple(t.format(i=i) for t in m.targets))
-        for i in range(config.num_layers) for m in chosen
-    ]
+    rows = smoothing_rows(config, groups)
+    return [layer_mapping(m, i) for i in range(config.num_layers) for m in rows]
 
 
 def _float_leaf(params, name: str) -> Linear:
@@ -97,7 +121,8 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
 
     ``stats`` come from :func:`minisq.calibrate` on ``model``. ``alpha`` is one float, or a
     dict ``{source name: α}`` (e.g. from :func:`minisq.search_alpha`) with a default under
-    ``"*"``. ``groups`` picks rows of :data:`SMOOTHING_TABLE` (``"all"`` for every one).
+    ``"*"``. ``groups`` picks rows of :data:`SMOOTHING_TABLE` (:func:`resolve_groups`:
+    ``"default"``, ``"all"``, or names). Each layer is smoothed by :func:`smooth_layer`.
     The factors used are kept in ``model.info["smoothing"]["factors"]``.
     """
     if model.info.get("quantization"):
@@ -108,18 +133,54 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     stats.check_matches(model)
     if model.stored:   # float16/bfloat16 weights: smooth in the compute dtype (exact, and held in memory)
         model = model.astype(model.dtype).evolve(info=model.info)
-    params = model.params
-    factors = {}
-    for m in mappings_for(model.config, groups):
-        a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
-        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets)
-        s = _factors(model.config, params, m, act_max, w_max, a)
-        factors[m.source] = s
-        params = apply_smoothing(params, m, s, model.config.head_dim)
-    info = dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(
-        groups if groups != "all" else [m.group for m in SMOOTHING_TABLE[model.config.model_type]]),
-        factors=factors)
+    groups = resolve_groups(model.config, groups)
+    rows = smoothing_rows(model.config, groups)
+    params, factors = model.params, {}
+    for i in range(model.config.num_layers):
+        prefix = model.family.LAYER_PREFIX.format(i=i)
+        layer, layer_factors = smooth_layer(model.config, i, get_param(params, prefix), stats, alpha, rows)
+        params = replace_param(params, prefix, layer)
+        factors.update(layer_factors)
+    info = {**smoothing_info(alpha, groups), "factors": factors}
     return model.evolve(params=params, info={**model.info, "smoothing": info})
+
+
+def smoothing_info(alpha, groups: tuple) -> dict:
+    """What ``model.info["smoothing"]`` records besides the factors: α and the groups."""
+    return dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(groups))
+
+
+def smooth_layer(config, i: int, layer, stats, alpha, rows) -> tuple:
+    """Decoder layer ``i`` smoothed: ``(new layer parameters, {source name: s [C_in]})``.
+
+    ``layer`` is the layer's parameter subtree (names relative to ``LAYER_PREFIX``), ``stats``
+    any :class:`~minisq.calibrate.CalibrationStats` that holds this layer's inputs (of the
+    whole model, or of this layer alone), ``rows`` from :func:`smoothing_rows`. The mappings
+    are folded in table order, each computing its factors (Eq. 4, :func:`smoothing_factors`,
+    with the grouped-query rule of ``_factors``) from the layer as the rows before it left it.
+    The in-memory :func:`smooth` and the streamed :func:`minisq.quantize_checkpoint` both
+    call it. What it holds in memory: one layer.
+    """
+    prefix = family_for(config).LAYER_PREFIX.format(i=i)
+    factors = {}
+    for row in rows:
+        m = layer_mapping(row, i)
+        local = _relative(m, prefix)                      # names inside the layer's subtree
+        a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
+        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(layer, local.targets)
+        s = _factors(config, layer, local, act_max, w_max, a)
+        factors[m.source] = s
+        layer = apply_smoothing(layer, local, s, config.head_dim)
+    return layer, factors
+
+
+def _relative(m: Mapping, prefix: str) -> Mapping:
+    # a mapping of layer `prefix` with its names relative to the layer's subtree
+    def cut(name):
+        if not name.startswith(prefix + "."):
+            raise ConfigError(f"smoothing row {m.group!r} names {name!r}, which is outside layer {prefix!r}")
+        return name[len(prefix) + 1:]
+    return dataclasses.replace(m, source=cut(m.source), targets=tuple(cut(t) for t in m.targets))
 
 
 def _factors(config, params, mapping: Mapping, act_max, w_max, alpha: float):
@@ -157,6 +218,9 @@ def apply_smoothing(params, mapping: Mapping, s, head_dim: int | None = None) ->
         params = replace_param(params, mapping.source, {"g": get_param(params, mapping.source)["g"] / s})
     else:
         src = _float_leaf(params, mapping.source)                      # its output columns are our channels
+        if src.out_features != s.shape[0] and head_dim is None:
+            raise ConfigError(f"{mapping.source} has {src.out_features} output channels for {s.shape[0]} factors "
+                              "(grouped-query attention): pass head_dim to find one factor per kv channel")
         s_src = s if src.out_features == s.shape[0] else _kv_factors(s, src.out_features, head_dim)
         params = replace_param(params, mapping.source,
                       Linear(src.w / s_src, None if src.b is None else src.b / s_src))

@@ -30,7 +30,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..errors import InputError
 from ..nn import log_softmax
-from ..pipeline import logits_of
+from ..layerwise import logits_of
 
 
 def _log_softmax_at(logits, targets) -> np.ndarray:
