@@ -30,7 +30,8 @@ from .quant import (  # noqa: F401
 from .smooth import (  # noqa: F401
     NOT_FOLDABLE, SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors, weight_absmax,
 )
-from .pipeline import forward_layerwise, quantize_checkpoint  # noqa: F401
+from .layerwise import forward_layerwise  # noqa: F401
+from .pipeline import quantize_checkpoint  # noqa: F401
 from .synthetic import synthetic_model  # noqa: F401
 
 __version__ = "0.1.0"

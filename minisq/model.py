@@ -110,7 +110,7 @@ class Model:
         self.params = params
         self.tokenizer = tokenizer
         self.info = dict(info or {})
-        # Quantized attention (minisq.qlinear.AttentionQuant, set by quantize(..., attn_bmm=...));
+        # Quantized attention (minisq.attnquant.AttentionQuant, set by quantize(..., attn_bmm=...));
         # None = float attention.
         self.attn_quant = attn_quant
         self._outer = None   # see outer(): the widened non-layer weights of a stored model

@@ -44,7 +44,7 @@ import numpy as np
 from .attnquant import AttentionQuant, attention_quant
 from .calibrate import Recorder, as_sequences, calibrate_layer, observe
 from .errors import CheckpointError, ConfigError
-from .layerwise import embed_all, forward_layerwise  # noqa: F401  (forward_layerwise: public here too)
+from .layerwise import embed_all
 from .progress import progress as show_progress
 from .qlinear import DEFAULT_SKIP, quant_spec, quantize_leaves
 from .smooth import resolve_groups, smooth_layer, smoothing_info, smoothing_rows

@@ -9,6 +9,7 @@ from minisq.gemm import int8_gemm_reference
 from minisq.nn import Linear
 from minisq.qlinear import PRESETS, W8A8Linear, quantize_linear, weight_memory
 from minisq.quant import dequantize
+from minisq.tree import _walk
 
 GRID = [(w, a) for w in ("per_channel", "per_tensor") for a in ("per_token", "per_tensor", "static")]
 
@@ -256,3 +257,24 @@ def test_default_skip_is_the_official_layer_set(make_checkpoint):
         assert isinstance(q.linears()[name], Linear), name
     assert isinstance(q.linears()["layers.0.fc1"], W8A8Linear)
     assert q.info["quantization"]["skip"] == ["lm_head", "project_in", "project_out"]
+
+
+def test_one_layer_quantizes_as_in_the_whole_model(family_model):
+    """quantize_leaves on one layer's subtree, named by its prefix, gives that layer of
+    quantize(model): the same skip patterns (full names) and static scales."""
+    from minisq.qlinear import quant_spec, quantize_leaves
+
+    family, model, stats = family_model
+    prefix = model.family.LAYER_PREFIX.format(i=1)
+    skipped = next(iter(n for n in model.linears() if n.startswith(prefix + ".")))
+    whole = minisq.quantize(model, "O3", stats=stats, skip=(skipped,))
+    layer = quantize_leaves(minisq.get_param(model.params, prefix), quant_spec("O3", skip=(skipped,)), stats,
+                            model.dtype, prefix)
+    ours = dict(_walk(layer, prefix + "."))
+    theirs = {n: leaf for n, leaf in whole.linears().items() if n.startswith(prefix + ".")}
+    assert list(ours) == list(theirs) and isinstance(ours[skipped], Linear)
+    for name, leaf in ours.items():
+        assert type(leaf) is type(theirs[name])
+        for field in ("w", "w_q", "w_scale", "x_scale"):
+            if hasattr(leaf, field):
+                np.testing.assert_array_equal(getattr(leaf, field), getattr(theirs[name], field), err_msg=name)

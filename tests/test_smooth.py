@@ -11,6 +11,7 @@ from minisq.config import ModelConfig
 from minisq.qlinear import quantize
 from minisq.smooth import SMOOTHING_TABLE, mappings_for, search_alpha, smooth, smoothing_factors
 from minisq.synthetic import synthetic_model
+from minisq.tree import _walk
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -283,3 +284,42 @@ def test_alpha_search_breaks_ties_towards_the_global_alpha(synthetic):
     errors = result.errors["h.1.ln_1"]
     assert len(set(errors.values())) == 1            # a real tie
     assert result.alpha["h.1.ln_1"] == 0.6
+
+
+# --- the per-layer steps both drivers call ------------------------------------------------------
+
+def test_groups_resolve_the_same_way_everywhere(float64_models):
+    from minisq.smooth import DEFAULT_GROUPS, resolve_groups
+
+    config = float64_models["opt"].config
+    assert resolve_groups(config, None) == resolve_groups(config, "default") == DEFAULT_GROUPS
+    assert resolve_groups(config, "all") == tuple(m.group for m in SMOOTHING_TABLE["opt"])
+    assert resolve_groups(config, "v_out") == ("v_out",)
+    assert resolve_groups(config, ["fc1_fc2", "v_out"]) == ("fc1_fc2", "v_out")
+    with pytest.raises(minisq.ConfigError, match=r"unknown smoothing groups \['up_down'\] for opt"):
+        resolve_groups(config, ("ln_qkv", "up_down"))
+    with pytest.raises(minisq.ConfigError, match="groups must be"):
+        resolve_groups(config, 3)
+
+
+def test_one_layer_is_smoothed_from_its_own_stats_alone(float64_models, float64_stats):
+    """smooth_layer needs only the layer's subtree and that layer's ranges: given a stats
+    object holding layer 1 alone, it folds exactly what smooth folds into layer 1 of the
+    whole model."""
+    from minisq.smooth import smooth_layer, smoothing_rows
+
+    model, stats = float64_models["opt"], float64_stats["opt"]
+    whole = smooth(model, stats, alpha=0.5, groups="all")
+    mine = {k: v for k, v in stats.channel_absmax.items() if k.startswith("layers.1.")}
+    alone = CalibrationStats(mine, {}, {}, {}, 0, {})
+    layer, factors = smooth_layer(model.config, 1, model.params["layers"][1], alone, 0.5,
+                                  smoothing_rows(model.config, "all"))
+    assert list(factors) == [k for k in whole.info["smoothing"]["factors"] if k.startswith("layers.1.")]
+    for src, s in factors.items():
+        np.testing.assert_array_equal(s, whole.info["smoothing"]["factors"][src])
+    for (na, a), (nb, b) in zip(_walk(layer, ""), _walk(whole.params["layers"][1], "")):
+        assert na == nb
+        np.testing.assert_array_equal(a.w, b.w)
+    np.testing.assert_array_equal(layer["final_layer_norm"]["g"], whole.params["layers"][1]["final_layer_norm"]["g"])
+    with pytest.raises(KeyError):                        # layer 0's ranges are not in it
+        smooth_layer(model.config, 0, model.params["layers"][0], alone, 0.5, smoothing_rows(model.config, "all"))

@@ -194,3 +194,44 @@ def test_streamed_and_in_memory_refuse_alike(checkpoint, tmp_path, options, matc
         stats = minisq.calibrate(m, CALIB, progress=False)
         minisq.quantize(minisq.smooth(m, stats, 0.5, groups), stats=minisq.calibrate(m, CALIB, progress=False),
                         **options)
+
+
+def test_post_ln_opt_with_embedding_projections_streams_the_head_too(tmp_path, smoothed):
+    """opt-350m's shape: post-LN (the LayerNorm rows are left out, with a warning) and
+    project_in/project_out around the layers. With skip=() the streamed run quantizes them
+    and the LM head as well, their static ranges observed on the carried activations."""
+    from conftest import hf_model, save_hf_model
+
+    folder = save_hf_model(hf_model("opt", seed=8, do_layer_norm_before=False, word_embed_proj_dim=16), tmp_path / "c")
+    with pytest.warns(UserWarning, match="post-LN"):
+        sm, stats = smoothed(folder, "all", True)
+    in_memory = minisq.load(minisq.quantize(sm, "O3", stats=stats, skip=()).save(tmp_path / "in_memory"))
+    with pytest.warns(UserWarning, match="post-LN"):
+        dst = minisq.quantize_checkpoint(folder, tmp_path / "streamed", CALIB, groups="all", skip=(), progress=False)
+    streamed = minisq.load(dst)
+    assert_same(streamed, in_memory)
+    assert {type(streamed.linears()[n]).__name__ for n in ("project_in", "project_out", "lm_head")} == {"W8A8Linear"}
+    assert set(streamed.info["smoothing"]["factors"]) == {f"layers.{i}.{s}" for i in range(2)
+                                                         for s in ("fc1", "self_attn.v_proj")}
+
+
+def test_a_run_killed_while_finishing_resumes_to_the_same_head(checkpoint, tmp_path, monkeypatch):
+    """Killed after every layer is written but before minisq.json, a run with skip=() resumes
+    from the last carry file: the head's static ranges come out the same."""
+    from minisq.pipeline import _Run
+
+    folder = checkpoint("gpt2")
+    whole = minisq.load(minisq.quantize_checkpoint(folder, tmp_path / "whole", CALIB, skip=(), progress=False))
+    finish = _Run.finish
+
+    def killed(self, src):
+        raise KeyboardInterrupt("killed while finishing")
+
+    monkeypatch.setattr(_Run, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        minisq.quantize_checkpoint(folder, tmp_path / "part", CALIB, skip=(), progress=False)
+    monkeypatch.setattr(_Run, "finish", finish)
+    assert not (tmp_path / "part" / "minisq.json").exists()
+    resumed = minisq.load(minisq.quantize_checkpoint(folder, tmp_path / "part", CALIB, skip=(), progress=False))
+    assert isinstance(resumed.linears()["lm_head"], minisq.W8A8Linear)
+    assert_same(resumed, whole)
