@@ -57,6 +57,10 @@ class CalibrationStats:
     output_channel_absmax: dict = dataclasses.field(default_factory=dict)   # name -> [C_out] float64
 
     def input_absmax_of(self, name: str) -> float:
+        """max |x| over the calibration tokens of leaf ``name``'s input."""
+        if name not in self.input_absmax:
+            raise CalibrationError(f"these stats hold no input range of {name!r}: calibrate the model (or this "
+                                   "layer) that holds it")
         return self.input_absmax[name]
 
     def qkv_absmax(self, model, layer: int) -> tuple:

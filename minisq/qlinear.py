@@ -332,6 +332,9 @@ def quantize_leaves(tree, spec: QuantSpec, stats=None, dtype=np.float32, prefix:
     widened to ``dtype`` one leaf at a time. The in-memory :func:`quantize` and the streamed
     :func:`minisq.quantize_checkpoint` both call it.
     """
+    if spec.acts == "static" and stats is None:
+        raise CalibrationError("acts='static' (preset O3) needs calibration stats: pass stats=minisq.calibrate(...)")
+
     def swap(name, leaf):
         if spec.skips(name):
             return leaf

@@ -167,8 +167,11 @@ def smooth_layer(config, i: int, layer, stats, alpha, rows) -> tuple:
         m = layer_mapping(row, i)
         local = _relative(m, prefix)                      # names inside the layer's subtree
         a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
-        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(layer, local.targets)
-        s = _factors(config, layer, local, act_max, w_max, a)
+        if m.targets[0] not in stats.channel_absmax:
+            raise CalibrationError(f"these stats hold no input ranges of {m.targets[0]!r}: calibrate layer {i} "
+                                   "(minisq.calibrate, or minisq.calibrate.calibrate_layer for one layer)")
+        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(layer, local.targets)  # [C_in] each
+        s = _factors(config, layer, local, act_max, w_max, a)                  # [C_in] float64
         factors[m.source] = s
         layer = apply_smoothing(layer, local, s, config.head_dim)
     return layer, factors

@@ -321,5 +321,5 @@ def test_one_layer_is_smoothed_from_its_own_stats_alone(float64_models, float64_
         assert na == nb
         np.testing.assert_array_equal(a.w, b.w)
     np.testing.assert_array_equal(layer["final_layer_norm"]["g"], whole.params["layers"][1]["final_layer_norm"]["g"])
-    with pytest.raises(KeyError):                        # layer 0's ranges are not in it
+    with pytest.raises(minisq.CalibrationError, match="layers.0.self_attn.q_proj"):   # layer 0's ranges are not in it
         smooth_layer(model.config, 0, model.params["layers"][0], alone, 0.5, smoothing_rows(model.config, "all"))
