@@ -65,7 +65,8 @@ from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
 from .gemm import int8_bmm, int8_linear, pack_weight_tn
-from .nn import Int8WeightShape, Linear, merge_heads, softmax, split_heads
+from .kernels.cpu import softmax
+from .nn import Int8WeightShape, Linear, merge_heads, split_heads
 from .io.storage import materialize
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
