@@ -116,6 +116,8 @@ def int8_matmul_blocked(a, b):
     """The K-blocked exact path (blocks of 1024, see :func:`int8_matmul`)."""
     # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] int32  (same leading axes)
     K, N = a.shape[-1], b.shape[-1]
+    if K == 0:  # an empty sum
+        return np.zeros(a.shape[:-1] + (N,), dtype=np.int32)
     a_blk = np.empty(a.shape[:-1] + (BLOCK_K,), dtype=np.float32)    # [..., M, 1024]
     b_blk = np.empty(b.shape[:-2] + (BLOCK_K, N), dtype=np.float32)  # [..., 1024, N]
     part = np.empty(a.shape[:-1] + (N,), dtype=np.float32)  # [..., M, N] one block's exact sums
