@@ -49,6 +49,7 @@ MAX_PRODUCT = 128 * 128
 # The int32 accumulator holds |sum| <= K * 2^14 as long as that is <= 2^31 - 1.
 MAX_K = (2**31 - 1) // MAX_PRODUCT  # = 131071
 
+
 # ----------------------------------------------------------------------------------------
 # operand checks
 
@@ -140,8 +141,9 @@ def int8_gemm(a_q, b_q):
 
     The integer core of a W8A8 linear layer (paper Sec. 2; Eq. 1 applied to X and W).
     ``a_q`` may carry leading axes (``[..., K]``, e.g. ``[B, T, C_in]``). NumPy arrays take
-    the exact float32-BLAS path (:func:`minisq.kernels.int8_cpu.int8_matmul`), CuPy arrays cuBLAS's int8 GEMM
-    (:class:`TNPlan`). ``b_q`` is an int8 ``[K, N]`` array or a :class:`TNWeight` (packed
+    the exact float32-BLAS path (:func:`minisq.kernels.int8_cpu.int8_matmul`), CuPy arrays
+    cuBLAS's int8 GEMM (:class:`TNPlan`); both equal :func:`int8_gemm_reference` bit for
+    bit. ``b_q`` is an int8 ``[K, N]`` array or a :class:`TNWeight` (packed
     once, as W8A8 layers on the GPU keep their weights). On the GPU, a plain ``[K, N]`` is
     transposed and padded per call, except the transposed view ``w_t.T`` of a C-contiguous
     ``[N, K]`` with K and N multiples of 4. Raises ShapeError for non-int8 inputs,

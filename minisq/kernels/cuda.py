@@ -137,8 +137,8 @@ class TNWeight:
 
     ``tn`` is ``[N4, K4]`` int8, C-contiguous, 16-byte aligned and zero-padded: the
     transposed weight (torch's Linear layout ``[C_out, C_in]``), K and N rounded up to
-    multiples of 4 (see :class:`TNPlan`). :func:`int8_gemm` hands it to cuBLAS as it is, so
-    a W8A8 layer on the GPU never transposes or pads its weight per call.
+    multiples of 4 (see :class:`TNPlan`). :func:`minisq.gemm.int8_gemm` hands it to cuBLAS
+    as it is, so a W8A8 layer on the GPU never transposes or pads its weight per call.
     :meth:`view` is the ``[K, N]`` weight as a view of the same memory (no second copy).
     """
 
