@@ -30,9 +30,9 @@ def blas_kernel() -> str:
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                       "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
                     if k in os.environ) or "no OPENBLAS_* overrides"
-    from minisq import backend  # the OpenBLAS that NumPy loaded, found as minisq finds it
+    from minisq.kernels import threads  # the OpenBLAS that NumPy loaded, found as minisq finds it
 
-    core, config = backend.openblas_function("get_corename"), backend.openblas_function("get_config")
+    core, config = threads.openblas_function("get_corename"), threads.openblas_function("get_config")
     if core is not None and config is not None:
         core.restype = config.restype = ctypes.c_char_p
         version = config().decode().split()[1]

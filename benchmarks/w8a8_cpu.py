@@ -55,7 +55,9 @@ def stages(model, qmodel, ids, runs: int = 5) -> None:
     import collections
     import time
 
-    from minisq import backend, nn, qlinear
+    from minisq import qlinear
+    from minisq.kernels import cpu as kernels
+    from minisq.kernels import threads
 
     spent = collections.defaultdict(float)
 
@@ -72,10 +74,10 @@ def stages(model, qmodel, ids, runs: int = 5) -> None:
 
     hooks = [(qlinear.W8A8Linear, "quantize_input", "int8: quantize activations"),
              (qlinear, "int8_linear", "int8: GEMM + epilogue"),
-             (backend, "matmul_rows", "float: linear (lm_head on W8A8)"),
-             (nn, "attention_causal_blocked", "attention"),
-             (nn.ACTIVATION_FNS, "gelu_new", "GELU"),
-             (nn, "layer_norm", "LayerNorm")]
+             (threads, "matmul_rows", "float: linear (lm_head on W8A8)"),
+             (kernels, "attention_causal_blocked", "attention"),
+             (kernels.ACTIVATION_FNS, "gelu_new", "GELU"),
+             (kernels, "layer_norm", "LayerNorm")]
     saved = []
     for owner, name, label in hooks:
         fn, wrapper = timed(owner, name, label)

@@ -16,7 +16,8 @@ import dataclasses
 
 from .backend import get_array_module
 from .gemm import int8_bmm
-from .nn import merge_heads, softmax, split_heads
+from .kernels.cpu import softmax
+from .nn import merge_heads, split_heads
 from .quant import (
     QMAX, dequantize, dynamic_scale, quantize_per_sequence, quantize_per_tensor, quantize_per_token,
 )

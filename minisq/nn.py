@@ -3,6 +3,11 @@
 Legend: B batch, T new tokens, S tokens attended to (past + new), C hidden, H heads,
 D = C // H head dim, F MLP width, V vocab.
 
+These are the references, written to be read: LayerNorm, RMSNorm, GELU (tanh), SiLU,
+softmax, causal attention, RoPE. The model runs their fast versions in
+:mod:`minisq.kernels.cpu` (threaded, in place, blocked attention), which compute the same
+functions and are tested against these (``tests/test_kernels.py``).
+
 Every function takes whatever array module its input lives in (NumPy or CuPy) and keeps
 the input's float dtype: constants are cast to ``x.dtype`` first, because under NumPy 2
 ``x32 * np.sqrt(2 / np.pi)`` silently promotes a float32 array to float64.
@@ -23,8 +28,9 @@ import math
 
 import numpy as np
 
-from . import backend
 from .backend import get_array_module
+from .kernels import cpu as kernels
+from .kernels.cpu import all_finite  # noqa: F401  (the model's NaN check; a kernel)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,8 +53,9 @@ class Linear:
         return self.w.shape[1]
 
     def __call__(self, x, mask=None):
-        # [..., C_in] -> [..., C_out]; the token mask does not change a float layer
-        return linear(x, self.w, self.b)
+        # [..., C_in] -> [..., C_out]; the token mask does not change a float layer.
+        # Runs the fast kernel: one matmul over all tokens, rows shared out over the cores.
+        return kernels.linear(x, self.w, self.b)
 
 
 class Int8WeightShape:
@@ -66,67 +73,44 @@ class Int8WeightShape:
 
 def linear(x, w, b=None):
     # [..., C_in], [C_in, C_out], [C_out] -> [..., C_out]
-    # One 2-D matmul over all tokens: NumPy would treat [B, T, C_in] @ w as B separate
-    # products, each streaming all of w from memory (B times the traffic when decoding).
-    # On the CPU its rows are shared out over the cores (x @ w + b, bias added in place).
-    y = backend.matmul_rows(x.reshape(-1, x.shape[-1]), w, b)   # [B·T, C_out]
-    return y.reshape(*x.shape[:-1], w.shape[1])
+    y = x @ w
+    return y if b is None else y + b
 
 
 def layer_norm(x, g=None, b=None, eps: float = 1e-5):
-    # [..., C], [C], [C] -> [..., C]; normalized over the last axis, biased variance (as torch)
-    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
+    # [..., C], [C], [C] -> [..., C]: (x - mean) / sqrt(var + eps) · g + b over the last axis,
+    # with the biased variance (as torch)
     xp = get_array_module(x)
-    return backend.split_rows(lambda xs, ys: _layer_norm_into(xs, g, b, eps, ys), x, xp.empty(x.shape, x.dtype))
-
-
-def _layer_norm_into(x, g, b, eps: float, y):
-    # [..., C], [C], [C], [..., C] -> y: layer_norm(x, g, b, eps)
-    # Passes over x: mean, subtract, sum of squares (einsum: no squared temporary), then
-    # three in-place passes (1/std, g, b) on y.
-    xp = get_array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xp.subtract(x, mean, out=y)                                     # centered
-    var = xp.einsum("...c,...c->...", y, y)[..., None] / y.dtype.type(x.shape[-1])
-    y *= 1 / xp.sqrt(var + x.dtype.type(eps))
+    mean = x.mean(axis=-1, keepdims=True)                           # [..., 1]
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)            # [..., 1]
+    y = (x - mean) / xp.sqrt(var + x.dtype.type(eps))
     if g is not None:
-        y *= g
+        y = y * g
     if b is not None:
-        y += b
+        y = y + b
     return y
+
+
+def rms_norm(x, g, eps: float):
+    # [..., C], [C] -> [..., C]: x / sqrt(mean(x²) + eps) · g   (no mean subtracted, no bias)
+    xp = get_array_module(x)
+    mean_sq = (x * x).mean(axis=-1, keepdims=True)                  # [..., 1]
+    return x / xp.sqrt(mean_sq + x.dtype.type(eps)) * g
 
 
 def gelu_tanh(x):
     # [...] -> [...]; GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
-    xp = get_array_module(x)
-    return backend.split_rows(_gelu_tanh_into, x, xp.empty_like(x))
-
-
-def _gelu_tanh_into(x, out):
-    # [...], [...] -> out: gelu_tanh(x), computed as x · sigmoid(2u) = x / (1 + exp(-2u)),
-    # u = sqrt(2/pi) (x + 0.044715 x^3): the same function (0.5 (1 + tanh u) = sigmoid(2u))
-    # in 7 elementwise passes instead of 9, and without the cancellation in 1 + tanh(u) for
-    # negative x.
     xp = get_array_module(x)
     t = x.dtype.type
-    c = math.sqrt(2.0 / math.pi)
-    e = xp.multiply(x, x, out=out)             # updated in place from here
-    e *= t(-2.0 * c * 0.044715)
-    e -= t(2.0 * c)
-    e *= x                                     # -2u
-    return times_sigmoid_into(x, e)
+    u = t(math.sqrt(2.0 / math.pi)) * (x + t(0.044715) * x ** 3)
+    return t(0.5) * x * (t(1) + xp.tanh(u))
 
 
-def times_sigmoid_into(x, e):
-    # [...], [...] -> e: x · sigmoid(s) = x / (1 + exp(-s)), given e = -s, overwritten in place
-    # (3 passes). exp(-s) overflows to inf where s is very negative: x / inf = -0, the right
-    # limit, so that warning is silenced. GELU (s = 2u) and SiLU (s = x) end with this.
+def silu(x):
+    # [...] -> [...]: x · sigmoid(x) = x / (1 + exp(-x))   (Llama's MLP gate)
     xp = get_array_module(x)
-    with np.errstate(over="ignore"):
-        xp.exp(e, out=e)
-    e += x.dtype.type(1)
-    return xp.divide(x, e, out=e)
+    with np.errstate(over="ignore"):   # exp(-x) = inf for very negative x: x / inf = -0, the limit
+        return x / (x.dtype.type(1) + xp.exp(-x))
 
 
 def relu(x):
@@ -138,14 +122,11 @@ def relu(x):
 ACTIVATION_FNS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "relu": relu}
 
 
-def softmax(x, axis: int = -1, inplace: bool = False):
-    # [..., S] -> [..., S]; inplace=True reuses x's memory (for scores no one else holds)
+def softmax(x, axis: int = -1):
+    # [..., S] -> [..., S]: exp(x - max) / Σ exp(x - max)   (the max subtracted for range only)
     xp = get_array_module(x)
-    e = x if inplace else x.copy()
-    e -= e.max(axis=axis, keepdims=True)
-    xp.exp(e, out=e)
-    e *= 1 / e.sum(axis=axis, keepdims=True)
-    return e
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x, axis: int = -1):
@@ -184,96 +165,24 @@ def attention_bias(mask, T: int, dtype):
     return bias[:, None]                             # [B, 1, T, S]
 
 
-def attention(q, k, v, bias, scale: float, matmul=None):
-    """Scaled dot-product attention, all heads at once.
+def attention(q, k, v, bias, scale: float):
+    """Scaled dot-product attention, all heads at once: ``softmax(q kᵀ · scale + bias) v``.
 
-    softmax(q kᵀ · scale + bias) v
+    ``bias`` (:func:`attention_bias`) is 0 where a query may look and a large negative
+    elsewhere (causal, padding). The model runs :func:`minisq.kernels.cpu.attention_causal_blocked`,
+    which skips the masked half of the products and is tested against this.
+    """
     # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
-
-    ``matmul(a, b)`` computes the two batched products (q·kᵀ and p·v); the default is ``@``.
-    The INT8 attention BMM passes a quantized one.
-    """
-    mm = matmul or (lambda a, b: a @ b)
-    # scaling q [.., T, D] costs T·D multiplies; scaling the scores would cost T·S
-    scores = mm(q * q.dtype.type(scale), k.swapaxes(-1, -2))   # [B, H, T, S], a fresh array
-    scores += bias
-    p = softmax(scores, inplace=True)
-    return mm(p, v)
+    scores = q @ k.swapaxes(-1, -2) * q.dtype.type(scale) + bias   # [B, H, T, S]
+    return softmax(scores) @ v
 
 
-def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 128):
-    """The same as :func:`attention` (float only), faster for long prompts: queries go in
-    blocks of ``block``, and each block multiplies only the keys it can see (up to its last
-    position), skipping the masked upper triangle — about half of the work at T = S. Each
-    block normalizes after the second product (:func:`_attention_block`), and adds the bias
-    only from its first query's position on when the bias is 0 on every key before that
-    (no padding and no window: the common case). On the CPU the heads are shared out over
-    the cores (:func:`minisq.backend.run_parallel`), each core running its heads' small
-    products on one BLAS thread; the result is the same bit for bit as one core doing
-    every head. Checked against :func:`attention` in the tests.
-
-    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
-    """
-    xp = get_array_module(q)
-    B, H, T, _ = q.shape
-    S = k.shape[2]
-    out = xp.empty_like(q)
-    blocks = []                                    # (t0, t1, keys seen, first key the bias must be added to)
-    for t0 in range(0, T, block):
-        t1, before = min(t0 + block, T), S - T + t0    # keys before the block's first query
-        free = not bool(bias[:, :, t0:t1, :before].any())   # bias 0 there: nothing to add
-        blocks.append((t0, t1, S - T + t1, before if free else 0))
-
-    def heads(h):
-        # the heads h[0] <= j < h[1] of every sequence, all query blocks -> out[:, h0:h1]
-        h0, h1 = h
-        for t0, t1, seen, from_key in blocks:
-            out[:, h0:h1, t0:t1] = _attention_block(q[:, h0:h1, t0:t1], k[:, h0:h1, :seen],
-                                                    v[:, h0:h1, :seen], bias[:, :, t0:t1, :seen],
-                                                    scale, from_key)
-
-    if xp is not np:
-        heads((0, H))
-        return out
-    # a decoding step's few scores are not worth a hand-off between threads
-    threads = backend.cpu_threads() if B * H * T * S >= backend.PARALLEL_MIN_ELEMENTS else 1
-    with backend.one_blas_thread():
-        backend.run_parallel(heads, backend.row_ranges(H, threads))
-    return out
-
-
-def _attention_block(q, k, v, bias, scale: float, from_key: int = 0):
-    """softmax(q kᵀ · scale + bias) v with the division by Σ exp moved after the product
-    with v: ``(exp(s - max) @ v) / Σ exp(s - max)`` divides T·D numbers instead of T·S
-    (one elementwise pass over the scores fewer; same math, float rounding apart). The
-    bias is added to keys ``from_key`` on only (the caller knows it is 0 before).
-
-    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
-    """
-    xp = get_array_module(q)
-    e = q * q.dtype.type(scale) @ k.swapaxes(-1, -2)   # [B, H, T, S], a fresh array
-    e[..., from_key:] += bias[..., from_key:]
-    e -= e.max(axis=-1, keepdims=True)
-    xp.exp(e, out=e)
-    out = e @ v                                         # [B, H, T, D]
-    out /= e.sum(axis=-1, keepdims=True)
-    return out
-
-
-def all_finite(x) -> bool:
-    """True when no element of x is NaN or ±inf.
-
-    One matrix-vector product ``x · 1`` first (BLAS, no temporary of x's size): a NaN or
-    infinity anywhere makes its row sum NaN or infinite, so a finite result proves every
-    element finite. Only when it is not (a bad value, or a row sum that overflowed by
-    itself) does the exact elementwise test decide. On one BLAS thread: this memory-bound
-    product gains little from more, and OpenBLAS's woken workers would spin on the cores
-    that the next forward's threads need (see :func:`minisq.backend.one_blas_thread`).
-    """
-    # [..., N] float -> bool
+def apply_rotary(x, cos, sin, n_heads: int):
+    # [B, T, n*D], cos/sin [B, T, 1, D] -> [B, T, n*D]: RoPE. Each head's pairs (j, j + D/2)
+    # rotated by the angle of its position: x·cos + rotate_half(x)·sin, rotate_half(a, b) = (-b, a)
+    B, T, _ = x.shape
     xp = get_array_module(x)
-    if x.size == 0:
-        return True
-    with np.errstate(over="ignore", invalid="ignore"), backend.one_blas_thread():  # an inf/NaN sum is the answer
-        rows = x.reshape(-1, x.shape[-1]) @ xp.ones(x.shape[-1], dtype=x.dtype)   # [M]
-    return bool(xp.isfinite(rows).all()) or bool(xp.isfinite(x).all())
+    h = x.reshape(B, T, n_heads, -1)                                  # [B, T, n, D]
+    half = h.shape[-1] // 2
+    rotated = xp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
+    return (h * cos + rotated * sin).reshape(B, T, -1)

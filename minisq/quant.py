@@ -35,12 +35,10 @@ Conventions here, the same for every function:
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from . import backend
 from .backend import get_array_module
+from .kernels import cuda
 from .errors import ConfigError, DeviceError, InputError, ShapeError
 
 QMAX = 127  # 2^(8-1) - 1: the symmetric int8 range is [-QMAX, QMAX]
@@ -184,9 +182,8 @@ def quantize_per_token(x, scale=None):
     ``[..., 1]`` (or ``[...]``) array.
     """
     # [..., C] float -> [..., C] int8, [..., 1] float
-    xp = get_array_module(x)
-    if xp is not np and scale is None and getattr(x, "dtype", None) in FUSED_DTYPES:
-        return _quantize_per_token_gpu(x)  # the same arithmetic, one fused kernel
+    if scale is None and getattr(x, "dtype", None) in cuda.FUSED_DTYPES and get_array_module(x) is not np:
+        return _quantize_per_token_fused(x)  # the GPU: the same arithmetic, one fused kernel
     xp, x = _float_input(x)
     if x.ndim == 0 or x.shape[-1] == 0:
         raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
@@ -196,6 +193,19 @@ def quantize_per_token(x, scale=None):
         _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
     return _quantize(xp, x, s, dynamic=scale is None), s
+
+
+def _quantize_per_token_fused(x):
+    """:func:`quantize_per_token` with a dynamic scale on a CuPy array, by
+    :func:`minisq.kernels.cuda.quantize_per_token` (q and scale equal bit for bit)."""
+    # [..., C] float16/32/64 (CuPy) -> [..., C] int8, [..., 1] float32/64
+    xp = get_array_module(x)
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
+    q, s = cuda.quantize_per_token(x)
+    if not bool(xp.isfinite(s).all()):  # a NaN/inf in a row makes its scale NaN/inf
+        _check_finite(xp, x)
+    return q, s
 
 
 def quantize_per_sequence(x, mask=None):
@@ -322,101 +332,3 @@ def fake_quantize(x, granularity: str = "per_tensor", scale=None):
     if granularity not in QUANTIZERS:
         raise ConfigError(f"unknown granularity {granularity!r}: use one of {sorted(QUANTIZERS)}")
     return dequantize(*QUANTIZERS[granularity](x, scale))
-
-
-# ----------------------------------------------------------------------------------------
-# the GPU's per-token quantizer: one fused kernel, the same arithmetic as above
-
-# One thread block per token (row): the threads stride over the row taking max |x|
-# (NaN-propagating, like np.max), reduce it in shared memory, compute the scale with the
-# zero-range guard, then quantize the row they just read (now in cache) and write int8.
-# Every step is the IEEE operation NumPy performs: division rounded to nearest
-# (__fdiv_rn / __ddiv_rn, which fast-math could not replace), rint = round half to even,
-# clip to ±127, and the exact cast of an integral value to int8. float16 input is widened
-# to float32 exactly (cvt.f32.f16), as _float_input does. So the GPU's q and scale equal
-# NumPy's bit for bit (tests/test_fast_paths.py holds an emulator of these steps against
-# quantize_per_token on the CPU, and compiles this source with NVRTC where it can).
-QUANTIZE_ROWS_THREADS = 256
-QUANTIZE_ROWS_SOURCE = r"""
-#define QMAX 127
-#define THREADS 256
-
-__device__ __forceinline__ float  widen(float v)  { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float  widen(unsigned short h) {   // float16 bits -> float32, exact
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
-__device__ __forceinline__ float  div_rn(float a, float b)   { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float  smallest_normal(float)  { return 1.17549435e-38f; }
-__device__ __forceinline__ double smallest_normal(double) { return 2.2250738585072014e-308; }
-// max that keeps a NaN from either side (fmax would drop it)
-template <typename F> __device__ __forceinline__ F nan_max(F a, F b) { return (a != a || a > b) ? a : b; }
-
-// x [T, C] (In) -> q [T, C] int8, scale [T] (F); one block of THREADS threads per row
-template <typename In, typename F>
-__device__ void quantize_rows(const In* x, signed char* q, F* scale, long long C) {
-    __shared__ F partial[THREADS];
-    const long long row = blockIdx.x;
-    const In* xr = x + row * C;
-    signed char* qr = q + row * C;
-    F m = 0;
-    for (long long k = threadIdx.x; k < C; k += THREADS) m = nan_max(m, fabs(widen(xr[k])));
-    partial[threadIdx.x] = m;
-    __syncthreads();
-    for (int half = THREADS / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) partial[threadIdx.x] = nan_max(partial[threadIdx.x], partial[threadIdx.x + half]);
-        __syncthreads();
-    }
-    F s = div_rn(partial[0], (F)QMAX);            // dynamic_scale: max|x| / 127 ...
-    if (s < smallest_normal(s)) s = (F)1;          // ... with the zero-range guard (NaN stays NaN)
-    if (threadIdx.x == 0) scale[row] = s;
-    for (long long k = threadIdx.x; k < C; k += THREADS) {
-        F v = rint(div_rn(widen(xr[k]), s));      // round half to even
-        v = fmin(fmax(v, (F)-QMAX), (F)QMAX);     // clip
-        qr[k] = (signed char)v;
-    }
-}
-
-extern "C" __global__ void minisq_quantize_rows_f32(const float* x, signed char* q, float* scale, long long C) {
-    quantize_rows<float, float>(x, q, scale, C);
-}
-extern "C" __global__ void minisq_quantize_rows_f64(const double* x, signed char* q, double* scale, long long C) {
-    quantize_rows<double, double>(x, q, scale, C);
-}
-extern "C" __global__ void minisq_quantize_rows_f16(const unsigned short* x, signed char* q, float* scale, long long C) {
-    quantize_rows<unsigned short, float>(x, q, scale, C);
-}
-"""
-# x's dtype -> (kernel name, scale dtype)
-FUSED_DTYPES = {
-    np.dtype(np.float32): ("minisq_quantize_rows_f32", np.float32),
-    np.dtype(np.float64): ("minisq_quantize_rows_f64", np.float64),
-    np.dtype(np.float16): ("minisq_quantize_rows_f16", np.float32),  # float16 bits, computed in float32
-}
-
-
-@functools.lru_cache(maxsize=1)
-def _quantize_rows_module():
-    """The compiled :data:`QUANTIZE_ROWS_SOURCE` (NVRTC, once per process)."""
-    return backend.cupy().RawModule(code=QUANTIZE_ROWS_SOURCE, options=("--std=c++14",))
-
-
-def _quantize_per_token_gpu(x):
-    """:func:`quantize_per_token` with a dynamic scale on a CuPy array: one kernel launch."""
-    # [..., C] float16/32/64 (CuPy) -> [..., C] int8, [..., 1] float32/64
-    cp = backend.cupy()
-    if x.ndim == 0 or x.shape[-1] == 0:
-        raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
-    name, scale_dtype = FUSED_DTYPES[x.dtype]
-    C = x.shape[-1]
-    T = x.size // C
-    x2 = cp.ascontiguousarray(x).reshape(T, C)
-    q = cp.empty((T, C), dtype=cp.int8)
-    s = cp.empty((T,), dtype=scale_dtype)
-    if T:
-        src = x2.view(cp.uint16) if x.dtype == np.float16 else x2
-        _quantize_rows_module().get_function(name)((T,), (QUANTIZE_ROWS_THREADS,), (src, q, s, np.int64(C)))
-    if not bool(cp.isfinite(s).all()):  # a NaN/inf in a row makes its scale NaN/inf
-        _check_finite(cp, x)
-    return q.reshape(x.shape), s.reshape(x.shape[:-1] + (1,))

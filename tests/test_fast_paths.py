@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from test_gemm import FakeCublas, as_device_pointer, emulate_cublas_tn, random_int8
 
-from minisq import backend, gemm, nn, quant
+from minisq import backend, nn
+from minisq.kernels import cpu as kcpu
+from minisq.kernels import cuda, int8_cpu
 from minisq.errors import InputError, ShapeError
 from minisq.gemm import (
     BLOCK_K, TNWeight, dequant_epilogue, int8_gemm, int8_gemm_reference, int8_linear, pack_weight_tn,
@@ -53,12 +55,12 @@ def test_one_call_is_used_up_to_the_bound_and_exact_there(K):
     a = rows_with_l1(rng, 3, K, 2**24 // 128)
     b = np.where(rng.random((K, 4)) < 0.5, -128, 127).astype(np.int8)
     b[:, 0] = np.where(a[0] < 0, -128, 127)  # column 0 aligned with row 0's signs
-    assert gemm._float32_sums(a, gemm._as_float32(b)) is not None
+    assert int8_cpu.float32_sums(a, int8_cpu.as_float32(b)) is not None
     np.testing.assert_array_equal(int8_gemm(a, b), int8_gemm_reference(a, b))
     over = a.copy()
     k = int(np.flatnonzero(over[1] == 0)[0])
     over[1, k] = 1  # one more in one row: the bound no longer holds, the blocks take over
-    assert gemm._float32_sums(over, gemm._as_float32(b)) is None
+    assert int8_cpu.float32_sums(over, int8_cpu.as_float32(b)) is None
     np.testing.assert_array_equal(int8_gemm(over, b), int8_gemm_reference(over, b))
 
 
@@ -68,7 +70,7 @@ def test_the_bound_is_needed_one_call_past_it_can_round():
     K = 16384
     a = np.full((2, K), 127, dtype=np.int8)
     b = np.full((K, 2), 127, dtype=np.int8)
-    assert gemm._float32_sums(a, gemm._as_float32(b)) is None
+    assert int8_cpu.float32_sums(a, int8_cpu.as_float32(b)) is None
     rng = np.random.default_rng(5)
     a = rng.integers(100, 128, size=(4, K), dtype=np.int8)
     b = rng.integers(100, 128, size=(K, 4), dtype=np.int8)
@@ -84,9 +86,9 @@ def test_quantized_activations_usually_take_one_call():
     h = rng.normal(size=(8, 3072)).astype(np.float32)
     x_q, _ = quantize_per_token(h * (h > 0))  # ReLU/GELU-like
     w_q = random_int8(rng, (3072, 16))
-    assert gemm._float32_sums(x_q, gemm._as_float32(w_q)) is not None
+    assert int8_cpu.float32_sums(x_q, int8_cpu.as_float32(w_q)) is not None
     np.testing.assert_array_equal(int8_gemm(x_q, w_q), int8_gemm_reference(x_q, w_q))
-    assert gemm._float32_sums(random_int8(rng, (8, 3072)), gemm._as_float32(w_q)) is None
+    assert int8_cpu.float32_sums(random_int8(rng, (8, 3072)), int8_cpu.as_float32(w_q)) is None
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def test_packed_weight_layout(K, N):
     rng = np.random.default_rng(K + N)
     w = random_int8(rng, (K, N))
     p = pack_weight_tn(w)
-    K4, N4 = gemm.round_up(K, 4), gemm.round_up(N, 4)
+    K4, N4 = cuda.round_up(K, 4), cuda.round_up(N, 4)
     assert isinstance(p, TNWeight) and p.shape == (K, N) and p.dtype == np.int8
     assert p.tn.shape == (N4, K4) and p.tn.flags.c_contiguous and p.tn.ctypes.data % 16 == 0
     np.testing.assert_array_equal(p.tn[:N, :K], w.T)                 # torch's Linear layout
@@ -170,7 +172,7 @@ def test_packed_weight_through_the_tn_gemm_emulator(M, K, N):
     rng = np.random.default_rng(M * K * N)
     a, w = random_int8(rng, (M, K)), random_int8(rng, (K, N))
     p = pack_weight_tn(w)
-    c = gemm._int8_matmul_tn_packed(a[None], p.tn[None], N, emulate_cublas_tn)[0]
+    c = cuda.int8_matmul_tn_packed(a[None], p.tn[None], N, emulate_cublas_tn)[0]
     assert c.dtype == np.int32 and c.shape == (M, N) and c.flags.c_contiguous
     np.testing.assert_array_equal(c, int8_gemm_reference(a, w))
     np.testing.assert_array_equal(int8_gemm(a, p), int8_gemm_reference(a, w))  # CPU: the view
@@ -188,9 +190,9 @@ def test_packed_weight_reaches_cublas_without_a_copy(monkeypatch):
 
     def run_tn(plan, bt_p, a_p, c):
         seen.append(bt_p)
-        gemm._cublas_tn(plan, *(as_device_pointer(v) for v in (bt_p, a_p, c)))
+        cuda.cublas_tn(plan, *(as_device_pointer(v) for v in (bt_p, a_p, c)))
 
-    c = gemm._int8_matmul_tn_packed(a[None], p.tn[None], 7, run_tn)[0]
+    c = cuda.int8_matmul_tn_packed(a[None], p.tn[None], 7, run_tn)[0]
     np.testing.assert_array_equal(c, int8_gemm_reference(a, w))
     assert np.shares_memory(seen[0], p.tn) and fake.calls[0]["k"] == 12 and fake.calls[0]["m"] == 8
 
@@ -208,7 +210,7 @@ def test_w8a8_leaf_on_the_cpu_keeps_one_int8_weight_and_no_packing():
 # the GPU's fused per-token quantizer: its steps emulated on the CPU, its source compiled
 
 
-def emulate_quantize_rows(x, threads=quant.QUANTIZE_ROWS_THREADS):
+def emulate_quantize_rows(x, threads=cuda.QUANTIZE_ROWS_THREADS):
     """QUANTIZE_ROWS_SOURCE step by step in NumPy, one row at a time: per-thread strided
     NaN-keeping max of |x|, the shared-memory tree reduction, the guarded scale, then
     rint(x / s) clipped and cast, in the kernel's compute dtype."""
@@ -296,14 +298,14 @@ def nvrtc_or_skip():
 @pytest.mark.parametrize("arch", ["compute_70", "compute_80", "compute_90"])
 def test_fused_quantizer_source_compiles_with_nvrtc(arch):
     nvrtc = nvrtc_or_skip()
-    prog = nvrtc.createProgram(quant.QUANTIZE_ROWS_SOURCE, "minisq_quantize_rows.cu", [], [])
+    prog = nvrtc.createProgram(cuda.QUANTIZE_ROWS_SOURCE, "minisq_quantize_rows.cu", [], [])
     try:
         nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", "--std=c++14"])
     except Exception:
         pytest.fail(nvrtc.getProgramLog(prog))
     ptx = nvrtc.getPTX(prog)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    for name, _ in quant.FUSED_DTYPES.values():
+    for name, _ in cuda.FUSED_DTYPES.values():
         assert f".entry {name}" in ptx
     assert "div.rn.f32" in ptx and "div.rn.f64" in ptx and "cvt.rni" in ptx  # IEEE division, rint
 
@@ -322,14 +324,14 @@ def gelu_tanh_reference(x):
 def test_gelu_matches_the_tanh_formula(dtype, tol):
     x = np.concatenate([np.linspace(-60, 60, 20001), [0.0, -0.0, 1e-30]]).astype(dtype)
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # exp(-2u) = inf is silenced inside
-        y = nn.gelu_tanh(x)
+        y = kcpu.gelu_tanh(x)
     assert y.dtype == dtype
     ref = gelu_tanh_reference(x)
     assert np.all(np.abs(y - ref) <= tol * np.maximum(np.abs(ref), 1.0))
     assert not np.shares_memory(y, x)
     with np.errstate(over="ignore"):  # x^2 itself overflows here, in the textbook formula too
         huge = np.array([-1e30, 1e30], dtype)
-        np.testing.assert_array_equal(nn.gelu_tanh(huge), [0.0, huge[1]])
+        np.testing.assert_array_equal(kcpu.gelu_tanh(huge), [0.0, huge[1]])
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13)])
@@ -338,7 +340,7 @@ def test_layer_norm_matches_float64_textbook(dtype, tol):
     x = (rng.normal(size=(3, 5, 768)) * 3 + 1).astype(dtype)
     g, b = rng.normal(size=768).astype(dtype), rng.normal(size=768).astype(dtype)
     x0 = x.copy()
-    y = nn.layer_norm(x, g, b)
+    y = kcpu.layer_norm(x, g, b)
     xd = x.astype(np.float64)
     ref = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5) * g + b
     assert y.dtype == dtype
@@ -354,7 +356,7 @@ def test_blocked_attention_matches_plain_attention(T, S, block):
     mask[1, :2] = 0
     bias = nn.attention_bias(mask, T, np.dtype(np.float64))
     ref = nn.attention(q, k, v, bias, 0.35)
-    got = nn.attention_causal_blocked(q, k, v, bias, 0.35, block=block)
+    got = kcpu.attention_causal_blocked(q, k, v, bias, 0.35, block=block)
     real = mask[:, S - T:] > 0  # [B, T]: padding queries see nothing, their rows are arbitrary
     np.testing.assert_allclose(got.transpose(0, 2, 1, 3)[real], ref.transpose(0, 2, 1, 3)[real],
                                rtol=0, atol=1e-13)
@@ -362,15 +364,15 @@ def test_blocked_attention_matches_plain_attention(T, S, block):
 
 def test_all_finite_catches_every_kind_of_bad_value_and_overflowing_sums():
     x = np.ones((3, 5, 7), np.float32)
-    assert nn.all_finite(x) and nn.all_finite(np.zeros((0, 4), np.float32))
+    assert kcpu.all_finite(x) and kcpu.all_finite(np.zeros((0, 4), np.float32))
     for bad in (np.nan, np.inf, -np.inf):
         y = x.copy()
         y[2, 4, 6] = bad
-        assert not nn.all_finite(y)
+        assert not kcpu.all_finite(y)
     big = np.full((2, 8), 3e38, np.float32)  # each finite, the row sums overflow: still True
-    assert nn.all_finite(big)
+    assert kcpu.all_finite(big)
     half = np.full((1, 4), 60000, np.float16)
-    assert nn.all_finite(half)
+    assert kcpu.all_finite(half)
 
 
 def test_a_quantized_model_cast_to_float16_runs_with_float16_activations():

@@ -17,7 +17,8 @@ try:
 except ImportError:  # a GPU machine running only pytest -m gpu: the property tests skip
     from _no_hypothesis import given, settings, st
 
-from minisq import backend, gemm
+from minisq import backend
+from minisq.kernels import cuda
 from minisq.errors import ConfigError, ShapeError
 from minisq.gemm import (
     BLOCK_K, MAX_K, dequant_epilogue, int8_bmm, int8_bmm_reference, int8_gemm, int8_gemm_loops,
@@ -204,7 +205,7 @@ def emulate_cublas_tn(plan, bt_p, a_p, c):
 def test_gpu_operand_swap_and_padding_logic_is_exact(M, K, N, batch):
     rng = np.random.default_rng(M + K + N)
     a, b = random_int8(rng, (batch, M, K)), random_int8(rng, (batch, K, N))
-    c = gemm._int8_matmul_tn(a, b, emulate_cublas_tn)
+    c = cuda.int8_matmul_tn(a, b, emulate_cublas_tn)
     assert c.dtype == np.int32 and c.shape == (batch, M, N) and c.flags.c_contiguous
     np.testing.assert_array_equal(c, int8_bmm_reference(a, b))
 
@@ -250,7 +251,7 @@ class FakeCublas:
         import ctypes
         self.calls.append(dict(transa=transa, transb=transb, m=m, n=n, k=k, batch=batchCount))
         assert self.mode == self.CUBLAS_POINTER_MODE_HOST  # alpha, beta are host pointers
-        assert (Atype, Btype, Ctype, computeType) == (gemm.CUDA_R_8I, gemm.CUDA_R_8I, gemm.CUDA_R_32I, 72)
+        assert (Atype, Btype, Ctype, computeType) == (cuda.CUDA_R_8I, cuda.CUDA_R_8I, cuda.CUDA_R_32I, 72)
         assert ctypes.c_int32.from_address(alpha).value == 1 and ctypes.c_int32.from_address(beta).value == 0
         assert A % 4 == 0 and B % 4 == 0 and C % 4 == 0  # 4-byte aligned pointers
         for i in range(batchCount):
@@ -265,7 +266,7 @@ class FakeCublas:
 
 
 def as_device_pointer(x):
-    """A NumPy array dressed as a CuPy one, as far as ``_cublas_tn`` looks: ``x.data.ptr``."""
+    """A NumPy array dressed as a CuPy one, as far as ``cuda.cublas_tn`` looks: ``x.data.ptr``."""
     from types import SimpleNamespace
     return SimpleNamespace(data=SimpleNamespace(ptr=x.ctypes.data), shape=x.shape, dtype=x.dtype)
 
@@ -280,9 +281,9 @@ def test_cublas_call_passes_its_arguments_in_cupys_order(M, K, N, batch, monkeyp
     a, b = random_int8(rng, (batch, M, K)), random_int8(rng, (batch, K, N))
 
     def run_tn(plan, bt_p, a_p, c):
-        gemm._cublas_tn(plan, *(as_device_pointer(v) for v in (bt_p, a_p, c)))
+        cuda.cublas_tn(plan, *(as_device_pointer(v) for v in (bt_p, a_p, c)))
 
-    c = gemm._int8_matmul_tn(a, b, run_tn)
+    c = cuda.int8_matmul_tn(a, b, run_tn)
     np.testing.assert_array_equal(c, int8_bmm_reference(a, b))
     (call,) = fake.calls
     assert (call["transa"], call["transb"]) == (FakeCublas.CUBLAS_OP_T, FakeCublas.CUBLAS_OP_N)
@@ -297,11 +298,11 @@ def test_gpu_path_falls_back_to_an_exact_integer_matmul_when_cublas_refuses(monk
     def refuse(*args):
         raise FakeCublas.CUBLASError("CUBLAS_STATUS_NOT_SUPPORTED")
 
-    monkeypatch.setattr(gemm, "_cublas_tn", refuse)
+    monkeypatch.setattr(cuda, "cublas_tn", refuse)
     rng = np.random.default_rng(14)
     a, b = random_int8(rng, (2, 3, 1030)), random_int8(rng, (2, 1030, 5))
     with pytest.warns(RuntimeWarning, match="NOT_SUPPORTED"):
-        c = gemm._int8_matmul_gpu(a, b)
+        c = cuda.int8_matmul_gpu(a, b)
     assert c.dtype == np.int32
     np.testing.assert_array_equal(c, int8_bmm_reference(a, b))
 
@@ -310,7 +311,7 @@ def test_gpu_path_falls_back_to_an_exact_integer_matmul_when_cublas_refuses(monk
 def test_plans_meet_the_int8_rules(M, K, N):
     plan = int8_gemm_plan(M, K, N, batch=2)
     assert meets_int8_rules(plan)
-    assert (plan.m, plan.n) == (gemm.round_up(N, 4), M) and plan.k == gemm.round_up(K, 4)
+    assert (plan.m, plan.n) == (cuda.round_up(N, 4), M) and plan.k == cuda.round_up(K, 4)
     assert plan.k >= K and plan.k - K < 4 and plan.m - N < 4
     assert plan.stride_c * 4 % 4 == 0 and plan.stride_a % 4 == 0 and plan.stride_b % 4 == 0
 
@@ -326,13 +327,13 @@ def test_transposed_view_of_a_contiguous_weight_needs_no_copy():
     GPU path's transposed operand a no-copy view when K and N are multiples of 4."""
     w_t = np.arange(96).astype(np.int8).reshape(1, 8, 12)  # [B, N, K], C-contiguous
     b = np.swapaxes(w_t, -1, -2)  # [B, K, N]: the view int8_bmm (or int8_gemm) is handed
-    bt_p = gemm._zero_pad(np, np.swapaxes(b, -1, -2), (1, 8, 12))
+    bt_p = cuda.zero_pad(np, np.swapaxes(b, -1, -2), (1, 8, 12))
     assert np.shares_memory(bt_p, w_t)
-    odd = gemm._zero_pad(np, np.swapaxes(b[:, :11], -1, -2), (1, 8, 12))  # K = 11: padded copy
+    odd = cuda.zero_pad(np, np.swapaxes(b[:, :11], -1, -2), (1, 8, 12))  # K = 11: padded copy
     assert not np.shares_memory(odd, w_t) and np.all(odd[..., 11] == 0)
     flat = np.arange(1 + 96).astype(np.int8)
     shifted = flat[1:].reshape(1, 8, 12)  # contiguous, but starts 1 byte past an aligned one
-    assert gemm._zero_pad(np, shifted, (1, 8, 12)).ctypes.data % 16 == 0
+    assert cuda.zero_pad(np, shifted, (1, 8, 12)).ctypes.data % 16 == 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -173,6 +173,7 @@ def test_bad_inputs_give_clear_errors(make_checkpoint):
 @pytest.mark.parametrize("T,S,block", [(300, 300, 128), (5, 40, 2), (64, 64, 64), (7, 7, 256)])
 def test_blocked_causal_attention_equals_the_reference(T, S, block):
     from minisq import nn
+    from minisq.kernels.cpu import attention_causal_blocked
 
     rng = np.random.default_rng(11)
     q = rng.standard_normal((2, 3, T, 8))
@@ -181,7 +182,7 @@ def test_blocked_causal_attention_equals_the_reference(T, S, block):
     mask[1, :3] = 0                                    # left padding in the second row
     bias = nn.attention_bias(mask, T, np.dtype(np.float64))
     ref = nn.attention(q, k, v, bias, 0.3)
-    got = nn.attention_causal_blocked(q, k, v, bias, 0.3, block=block)
+    got = attention_causal_blocked(q, k, v, bias, 0.3, block=block)
     real = mask[:, S - T:] > 0                         # padding queries' outputs are never used
     np.testing.assert_allclose(got.transpose(0, 2, 1, 3)[real], ref.transpose(0, 2, 1, 3)[real], rtol=0, atol=1e-13)
     assert np.isfinite(got).all()

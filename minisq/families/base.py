@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import nn
+from ..kernels import cpu as kernels
 from ..backend import get_array_module
 from ..errors import CheckpointError, NonFiniteError, ShapeError
 from ..kvquant import attend_kv
@@ -135,7 +136,7 @@ def self_attention(model, q, k, v, cache, i, bias, scale, mask, kv_heads=None):
                                                                      # as given or as int8 (kv_cache="int8")
     if G != H:
         k, v = repeat_kv(k, H // G), repeat_kv(v, H // G)             # [B, H, S, D]
-    a = nn.attention_causal_blocked(q, k, v, bias, scale)            # float: skip the masked half
+    a = kernels.attention_causal_blocked(q, k, v, bias, scale)       # nn.attention, skipping the masked half
     return nn.merge_heads(a)
 
 

@@ -11,6 +11,7 @@ an lm_head tied to the token embedding. The checkpoint's Conv1D layers already s
 from __future__ import annotations
 
 from .. import nn
+from ..kernels import cpu as kernels
 from ..config import ModelConfig, check_activation, read_field, validate
 from ..errors import ConfigError
 from .base import Mapping, SpecialTokens, make_lm_head, self_attention, strip_prefix, Taker
@@ -111,16 +112,16 @@ def attention_bias(config, mask, T: int, dtype):
 def block(model, i, layer, x, bias, m, cache, positions=None):
     # [B, T, C], [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, C] (cache extended in place)
     cfg = model.config
-    act = nn.ACTIVATION_FNS[cfg.activation]
+    act = kernels.ACTIVATION_FNS[cfg.activation]
     scale = (cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0)
     if cfg.scale_attn_by_inverse_layer_idx:
         scale /= i + 1
-    h = nn.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
+    h = kernels.layer_norm(x, **layer["ln_1"], eps=cfg.layer_norm_eps)
     qkv = layer["attn"]["c_attn"](h, m)                          # [B, T, 3C]
     q, k, v = (qkv[..., j * cfg.hidden_size:(j + 1) * cfg.hidden_size] for j in range(3))
     a = self_attention(model, q, k, v, cache, i, bias, scale, m)
     x = x + layer["attn"]["c_proj"](a, m)
-    h = nn.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
+    h = kernels.layer_norm(x, **layer["ln_2"], eps=cfg.layer_norm_eps)
     x = x + layer["mlp"]["c_proj"](act(layer["mlp"]["c_fc"](h, m)), m)  # [B, T, F] inside
     return x
 
@@ -128,7 +129,7 @@ def block(model, i, layer, x, bias, m, cache, positions=None):
 def head(model, x, m):
     # [B, T, C], [B, T] -> [B, T, V] logits
     cfg, p = model.config, model.params
-    x = nn.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
+    x = kernels.layer_norm(x, **p["ln_f"], eps=cfg.layer_norm_eps)
     return p["lm_head"](x, m)                                         # [B, T, V]
 
 

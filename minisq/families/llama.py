@@ -22,11 +22,12 @@ import math
 
 import numpy as np
 
-from .. import backend, nn
+from .. import nn
 from ..backend import get_array_module
 from ..config import ModelConfig, read_field
 from ..errors import ConfigError
-from ..nn import Linear
+from ..kernels.cpu import rms_norm, silu
+from ..nn import Linear, apply_rotary
 from .base import Mapping, SpecialTokens, self_attention, strip_prefix, Taker
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -168,34 +169,8 @@ def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) ->
 
 
 # --- the building blocks: RMSNorm, rotary embeddings, SwiGLU ------------------------------------
-
-def rms_norm(x, g, eps: float):
-    # [..., C], [C] -> [..., C]:  x / sqrt(mean(x²) + eps) · g   (no mean subtracted, no bias)
-    # On the CPU the rows go to all cores (backend.split_rows): NumPy's ufuncs use one.
-    xp = get_array_module(x)
-    return backend.split_rows(lambda xs, ys: _rms_norm_into(xs, g, eps, ys), x, xp.empty(x.shape, x.dtype))
-
-
-def _rms_norm_into(x, g, eps: float, y):
-    # [..., C], [C], [..., C] -> y: rms_norm(x, g, eps); mean(x²) by einsum (no squared temporary)
-    xp = get_array_module(x)
-    mean_sq = xp.einsum("...c,...c->...", x, x)[..., None] / x.dtype.type(x.shape[-1])   # [..., 1]
-    xp.multiply(x, 1 / xp.sqrt(mean_sq + x.dtype.type(eps)), out=y)
-    y *= g
-    return y
-
-
-def silu(x):
-    # [...] -> [...]: x · sigmoid(x) = x / (1 + exp(-x)); on the CPU over all cores
-    xp = get_array_module(x)
-    return backend.split_rows(_silu_into, x, xp.empty_like(x))
-
-
-def _silu_into(x, out):
-    # [...], [...] -> out: silu(x) in 4 elementwise passes (-x, then nn.times_sigmoid_into)
-    xp = get_array_module(x)
-    return nn.times_sigmoid_into(x, xp.negative(x, out=out))
-
+# rms_norm and silu are the fast kernels (references: minisq.nn.rms_norm, minisq.nn.silu);
+# apply_rotary is minisq.nn.apply_rotary (RoPE). What is Llama's own: the rotation angles.
 
 def inverse_frequencies(rope: dict, D: int, seq_len: int = 0) -> np.ndarray:
     """θ_j = 1 / base^(2j/D) for the D/2 channel pairs, rescaled by the RoPE type: [D/2] float32.
@@ -242,17 +217,6 @@ def rotary_tables(config: ModelConfig, positions, dtype):
     angles = positions.astype(xp.float32)[..., None] * inv                              # [B, T, D/2] float32
     angles = xp.concatenate([angles, angles], axis=-1).astype(dtype)[:, :, None, :]     # [B, T, 1, D]
     return xp.cos(angles), xp.sin(angles)
-
-
-def apply_rotary(x, cos, sin, n_heads: int):
-    # [B, T, n*D], cos/sin [B, T, 1, D] -> [B, T, n*D]: each head's pairs (j, j + D/2) rotated
-    # by the angle of its position: x·cos + rotate_half(x)·sin, rotate_half(a, b) = (-b, a)
-    B, T, _ = x.shape
-    xp = get_array_module(x)
-    h = x.reshape(B, T, n_heads, -1)                                  # [B, T, n, D]
-    half = h.shape[-1] // 2
-    rotated = xp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
-    return (h * cos + rotated * sin).reshape(B, T, -1)
 
 
 # --- the forward pass, in pieces a layer-outer driver can call ----------------------------------

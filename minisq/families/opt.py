@@ -16,6 +16,7 @@ import dataclasses
 import warnings
 
 from .. import nn
+from ..kernels import cpu as kernels
 from ..config import ModelConfig, check_activation, read_field, validate
 from .base import Mapping, SpecialTokens, make_lm_head, self_attention, strip_prefix, Taker
 
@@ -125,20 +126,20 @@ def attention_bias(config, mask, T: int, dtype):
 def block(model, i, layer, x, bias, m, cache, positions=None):
     # [B, T, C], [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, C] (cache extended in place)
     cfg = model.config
-    act = nn.ACTIVATION_FNS[cfg.activation]
+    act = kernels.ACTIVATION_FNS[cfg.activation]
     eps = cfg.layer_norm_eps
     pre = cfg.do_layer_norm_before
     attn = layer["self_attn"]
-    h = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
+    h = kernels.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps) if pre else x
     a = self_attention(model, attn["q_proj"](h, m), attn["k_proj"](h, m), attn["v_proj"](h, m),
                         cache, i, bias, cfg.head_dim ** -0.5, m)
     x = x + attn["out_proj"](a, m)
     if not pre:  # post-LN (opt-350m): normalize after the residual add
-        x = nn.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
-    h = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps) if pre else x
+        x = kernels.layer_norm(x, **layer["self_attn_layer_norm"], eps=eps)
+    h = kernels.layer_norm(x, **layer["final_layer_norm"], eps=eps) if pre else x
     x = x + layer["fc2"](act(layer["fc1"](h, m)), m)              # [B, T, F] inside
     if not pre:
-        x = nn.layer_norm(x, **layer["final_layer_norm"], eps=eps)
+        x = kernels.layer_norm(x, **layer["final_layer_norm"], eps=eps)
     return x
 
 
@@ -146,7 +147,7 @@ def head(model, x, m):
     # [B, T, C], [B, T] -> [B, T, V] logits
     cfg, p = model.config, model.params
     if p["final_layer_norm"] is not None:
-        x = nn.layer_norm(x, **p["final_layer_norm"], eps=cfg.layer_norm_eps)
+        x = kernels.layer_norm(x, **p["final_layer_norm"], eps=cfg.layer_norm_eps)
     if p["project_out"] is not None:
         x = p["project_out"](x, m)                                    # [B, T, E]
     return p["lm_head"](x, m)                                         # [B, T, V]
