@@ -137,14 +137,16 @@ def test_streamed_equals_in_memory(checkpoint, smoothed, tmp_path, family, prese
 
 @pytest.mark.parametrize("preset,options", [
     ("w8a16", {}), ("zeroquant", dict(group_size=16)), ("llm.int8", dict(threshold=0.5)),
-    ("O1", dict(kv_cache="int8")), ("O3", dict(skip=())), ("O1", dict(path="fake", skip=("lm_head", "*.fc2", "*down_proj", "*.mlp.c_proj"))),
+    ("O1", dict(kv_cache="int8")), ("O3", dict(skip=())),
+    ("O1", dict(path="fake", skip=("lm_head", "*.fc2", "*down_proj", "*.mlp.c_proj"))),
 ], ids=["w8a16", "zeroquant", "llm.int8", "kv_int8", "O3-head-too", "fake-skip"])
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_streamed_baselines_and_options_equal_in_memory(checkpoint, smoothed, tmp_path, family, preset, options):
     streamed, in_memory = _both(checkpoint, smoothed, tmp_path, family, preset, **options)
     assert_same(streamed, in_memory)
     kinds = {type(leaf).__name__ for leaf in streamed.linears().values()}
-    want = {"w8a16": "W8A16Linear", "zeroquant": "GroupW8A8Linear", "llm.int8": "LLMInt8Linear"}.get(preset, "W8A8Linear")
+    want = {"w8a16": "W8A16Linear", "zeroquant": "GroupW8A8Linear",
+            "llm.int8": "LLMInt8Linear"}.get(preset, "W8A8Linear")
     assert kinds == ({want} if options.get("skip") == () else {want, "Linear"})
 
 
