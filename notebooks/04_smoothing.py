@@ -61,13 +61,12 @@ calib, TOKENS = calibration_tokens(model, DATA, n=8, length=T)
 
 # %%
 from minisq.nn import gelu_tanh, relu
-from minisq.smooth import NOT_FOLDABLE, weight_absmax
 
 stats = minisq.calibrate(model, calib, keep_samples=256, progress=False)
 K_TOP = len(model.info.get("outlier_channels", [])) or 4
 m0 = minisq.mappings_for(model.config)[0]                  # layer 0: LayerNorm -> q/k/v projection(s)
 act_max = stats.channel_absmax[m0.targets[0]]       # [C] max|X_j| over calibration tokens
-w_max = weight_absmax(model.params, m0.targets)     # [C] max|W_j| over every target's output columns
+w_max = minisq.weight_absmax(model.params, m0.targets)     # [C] max|W_j| over every target's output columns
 print(f"{m0.source} -> {m0.targets}: {m0.why}")
 
 # %% [markdown]
@@ -117,7 +116,7 @@ check("α = 1 flattens X (every channel range 1), α = 0 flattens W", (True, Tru
 for m in minisq.SMOOTHING_TABLE[model.config.model_type]:
     print(f"{m.group:8s} {m.source:34s} ({m.kind:9s}) -> {', '.join(m.targets)}\n{'':9s}why: {m.why}")
 print("\nNOT foldable:")
-for where, why in NOT_FOLDABLE[model.config.model_type].items():
+for where, why in minisq.NOT_FOLDABLE[model.config.model_type].items():
     print(f"  {where}: {why}")
 
 # %% [markdown]
@@ -188,7 +187,7 @@ drops = {}
 for m in minisq.mappings_for(model.config):
     t = m.targets[0]
     x0, x1 = stats.channel_absmax[t], stats_sm.channel_absmax[t]
-    w0, w1 = weight_absmax(model.params, m.targets), weight_absmax(smoothed.params, m.targets)
+    w0, w1 = minisq.weight_absmax(model.params, m.targets), minisq.weight_absmax(smoothed.params, m.targets)
     drops[t] = spread(x0) / spread(x1)
     print(f"{t:28s}{spread(x0):21.1f}{spread(x1):8.1f}{spread(w0):22.1f}{spread(w1):8.1f}")
 if SYNTHETIC:

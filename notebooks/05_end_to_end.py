@@ -148,11 +148,9 @@ check("stale stats are refused", "a CalibrationError", "refused" if refused else
 # What the guard prevents, built by hand: the same O3 leaves, with the float model's ranges.
 
 # %%
-from minisq.qlinear import quantize_linear
-
 stale_model = smoothed.replace_linears(
     lambda name, leaf: leaf if name == "lm_head" else
-    quantize_linear(leaf, "per_tensor", "static", x_absmax=stats.input_absmax[name]))
+    minisq.quantize_linear(leaf, "per_tensor", "static", x_absmax=stats.input_absmax[name]))
 stale = evaluate(stale_model)
 fresh = results["O3", "smoothed"]
 print(f"SmoothQuant-O3 with the smoothed model's stats: ppl {fresh[0]:.3f}, KL {fresh[1]:.4g}")
