@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 
-from minisq.cli.demo import VARIANTS, main
+from minisq.cli.demo import main
+from minisq.cli.variants import VARIANTS
 
 FIGURES = ("activations.png", "channel_max.png", "layer_sqnr.png", "alpha_sweep.png", "landscape.png")
 
@@ -97,13 +98,14 @@ def test_demo_falls_back_to_synthetic_offline(tmp_path, capsys, monkeypatch, sha
 
 
 def test_demo_named_model_missing_is_a_clear_error(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")]) == 2
-    assert "no folder" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minisq demo: error: there is no folder") and err.count("\n") == 1
 
 
 def test_demo_help_documents_every_option():
     res = subprocess.run([sys.executable, "-m", "minisq.demo", "--help"], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0
+    assert res.returncode == 0 and res.stdout.startswith("usage: python -m minisq.demo [-h]")
     for opt in ("--model", "--alpha", "--calib-samples", "--eval-tokens", "--device", "--out", "--quick",
                 "--data-dir", "synthetic"):
         assert opt in res.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from minisq.cli.demo import main
+from minisq.cli.variants import VARIANTS
 from test_llama import hf_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,5 @@ def test_demo_on_a_tiny_llama_with_real_text(tmp_path, capsys, shared_data):
     assert "WikiText-2" in printed and "SmoothQuant-O3" in printed and "SYNTHETIC" not in printed
     report = json.loads((out / "report.json").read_text())
     assert "llama" in json.dumps(report)
+    assert [r["variant"] for r in report["rows"]] == [v.label for v in VARIANTS.values()]   # every row ran
+    assert all(r["lambada_acc"] is not None and r["perplexity"] > 1 for r in report["rows"])

@@ -12,6 +12,7 @@ parameter count, tokenizing the whole text).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisq.cli import reproduce
-from minisq.errors import MinisqError
+import minisq
+from minisq.cli import cache, common, paper, reproduce, texts
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny settings: 4 windows of 16 tokens, 3 LAMBADA passages (their last 32 tokens: the
@@ -52,11 +53,11 @@ def family(tmp_path_factory, shared_data):
 
 
 class CountingEvaluator:
-    """Wraps reproduce.evaluate_variant, counting the (model, variant) units computed."""
+    """Wraps reproduce.evaluate, counting the (model, variant) units computed."""
 
     def __init__(self):
         self.calls = 0
-        self.real = reproduce.evaluate_variant
+        self.real = reproduce.evaluate
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -66,7 +67,7 @@ class CountingEvaluator:
 def run_main(monkeypatch, argv) -> tuple[int, int]:
     """(exit status, evaluations computed) of one in-process run."""
     counter = CountingEvaluator()
-    monkeypatch.setattr(reproduce, "evaluate_variant", counter)
+    monkeypatch.setattr(reproduce, "evaluate", counter)
     return reproduce.main(argv), counter.calls
 
 
@@ -82,7 +83,7 @@ def first_run(family, shared_data, tmp_path_factory):
     finally:
         mp.undo()
     assert status == 0
-    assert calls == len(folders) * len(reproduce.VARIANTS)  # every model × variant computed once
+    assert calls == len(folders) * len(reproduce.CORE)  # every model × variant computed once
     return argv, out, json.loads((out / "results.json").read_text())
 
 
@@ -93,8 +94,8 @@ def test_writes_a_labeled_table_figure_and_results(first_run, family, shared_dat
     assert (out / "emergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every minisq row names its model and says "random weights"; the float row says it is not FP16
     rows = [line for line in table.splitlines() if line.startswith("| /")]
-    assert len(rows) == len(folders) * len(reproduce.VARIANTS)
-    assert all(f"({reproduce.RANDOM_LABEL})" in line for line in rows)
+    assert len(rows) == len(folders) * len(reproduce.CORE)
+    assert all(f"({paper.RANDOM_LABEL})" in line for line in rows)
     assert "untrained (random) checkpoints" in table
     assert "FP32 (CPU; paper: FP16)" in table
     if not (shared_data / "wikitext-2-raw" / "wiki.train.raw").is_file():  # calibrated on the test split
@@ -102,7 +103,7 @@ def test_writes_a_labeled_table_figure_and_results(first_run, family, shared_dat
         assert {r.get("calib_split") for r in results["rows"]} == {"test", None}
     assert sorted(results["random_weights"]) == sorted(folders)
     for r in results["rows"]:
-        assert r["perplexity"] > reproduce.RANDOM_PPL_FRACTION * r["vocab_size"]
+        assert r["perplexity"] > paper.RANDOM_PPL_FRACTION * r["vocab_size"]
         assert 0.0 <= r["lambada_acc"] <= 1.0
     # the published numbers are listed with their sources, and no random row borrows one
     assert "| opt-175b | FP16 | 74.7% | 10.99 | [T3] |" in table
@@ -153,10 +154,10 @@ def test_the_cache_key_holds_what_changes_a_number(first_run, family, monkeypatc
     # the evaluation text changes every number, the float one too
     assert run_main(monkeypatch, one_model + ["--eval-tokens", "48", "--variants", "naive"]) == (0, 2)
     s = reproduce.settings_of(reproduce.parse_args([]))
-    keys = {v: reproduce.cache_key("m", v, s) for v in reproduce.VARIANTS}
+    keys = {v: cache.cache_key("m", v, s) for v in reproduce.CORE}
     assert "alpha" not in keys["fp32"] and "alpha" not in keys["naive"] and keys["O3"]["alpha"] == 0.5
     assert "attn_bmm" not in keys["fp32"] and keys["naive"]["attn_bmm"] is True
-    assert keys["fp32"]["minisq_version"] == reproduce.__version__
+    assert keys["fp32"]["minisq_version"] == minisq.__version__
 
 
 def _cli(*args, env_extra=None):
@@ -169,7 +170,7 @@ def test_cli_exit_codes(first_run, tmp_path):
     argv, out, _ = first_run
     done = _cli(*argv)  # all cached: runs the whole command without evaluating anything
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("(cached)") == len(SIZES) * len(reproduce.VARIANTS)
+    assert done.stdout.count("(cached)") == len(SIZES) * len(reproduce.CORE)
     bad = _cli("--alpha", "2", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--alpha must be in [0, 1]" in bad.stderr
     bad = _cli("--variants", "O4", "--out", str(tmp_path))
@@ -177,28 +178,24 @@ def test_cli_exit_codes(first_run, tmp_path):
     missing = tmp_path / "no-such-model"
     gone = _cli("--models", str(missing), *FAST, "--out", str(tmp_path))
     assert gone.returncode == 1
-    assert f"minisq reproduce: error: there is no folder {missing}" in gone.stderr
-    assert "Traceback" not in gone.stderr
+    assert gone.stderr.startswith(f"python -m minisq reproduce: error: there is no folder {missing}")
+    assert gone.stderr.count("\n") == 1 and "Traceback" not in gone.stderr
 
 
-def test_model_too_big_is_loaded_lazily_or_refused(family, monkeypatch, capsys):
+def test_a_model_too_big_for_memory_is_loaded_lazily(family, monkeypatch, capsys):
+    """Eager when EAGER_PEAK_FACTOR times the float32 weights fit in the available memory,
+    lazy (with a line saying so) when they do not, or when asked."""
     folders, _ = family
-    monkeypatch.setattr(reproduce, "available_memory", lambda: 1000)
-    monkeypatch.setattr(reproduce, "load_accepts_lazy", lambda: False)
-    with pytest.raises(reproduce.MemoryLimitError, match=r"needs about .* GiB .* only 0\.0 GiB is available"):
-        reproduce.load_model(folders[0])
-    assert issubclass(reproduce.MemoryLimitError, MinisqError)
-    # a minisq whose load() takes lazy=True gets it, with a line saying so
-    seen = {}
-    monkeypatch.setattr(reproduce, "load_accepts_lazy", lambda: True)
-    monkeypatch.setattr("minisq.io.loading.load", lambda folder, **kw: seen.update(kw) or "lazy model")
-    model, folder, lazy = reproduce.load_model(folders[0])
-    assert (model, str(folder), lazy) == ("lazy model", folders[0], True)
-    assert seen.get("lazy") is True and "loading it lazily" in capsys.readouterr().out
-    # enough memory: eager, and lazy is not asked for
-    monkeypatch.setattr(reproduce, "available_memory", lambda: 2**40)
-    seen.clear()
-    assert reproduce.load_model(folders[0])[::2] == ("lazy model", False) and "lazy" not in seen
+    need = common.float32_bytes(Path(folders[0])) * common.EAGER_PEAK_FACTOR
+    seen = []
+    monkeypatch.setattr(common, "load", lambda source, **kw: seen.append(kw) or "a model")
+    for avail, lazy in ((math.ceil(need), False), (math.ceil(need) - 1, True), (None, False)):
+        monkeypatch.setattr(common, "available_memory", lambda: avail)
+        model, folder, got = common.load_model(folders[0])
+        assert (model, str(folder), got) == ("a model", folders[0], lazy)
+        assert seen.pop() == ({"lazy": True} if lazy else {"device": "cpu"})
+        assert ("loading it lazily" in capsys.readouterr().out) == lazy
+    assert common.load_model(folders[0], lazy=True)[2] is True and seen.pop() == {"lazy": True}
 
 
 def test_a_lazy_model_gives_the_eager_numbers(first_run, family, shared_data, tmp_path, monkeypatch, capsys):
@@ -206,10 +203,10 @@ def test_a_lazy_model_gives_the_eager_numbers(first_run, family, shared_data, tm
     quantize_checkpoint; every number equals the eager run's, bit for bit."""
     _, _, results = first_run
     folders, _ = family
-    monkeypatch.setattr(reproduce, "available_memory", lambda: 1)
+    monkeypatch.setattr(common, "available_memory", lambda: 1)
     status, calls = run_main(monkeypatch, ["--models", folders[2], *FAST, "--data-dir", str(shared_data),
                                            "--out", str(tmp_path)])
-    assert (status, calls) == (0, len(reproduce.VARIANTS))
+    assert (status, calls) == (0, len(reproduce.CORE))
     assert "loading it lazily" in capsys.readouterr().out
     lazy_rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     eager_rows = [r for r in results["rows"] if r["model"] == folders[2]]
@@ -223,9 +220,9 @@ def test_a_lazy_model_gives_the_eager_numbers(first_run, family, shared_data, tm
 def test_float32_estimate_reads_the_stored_dtype(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
-    assert reproduce.float32_bytes(tmp_path) == 2000
+    assert common.float32_bytes(tmp_path) == 2000
     (tmp_path / "config.json").write_text(json.dumps({}))
-    assert reproduce.float32_bytes(tmp_path) == 1000
+    assert common.float32_bytes(tmp_path) == 1000
 
 
 def test_parameter_count_matches_torch(family):
@@ -234,7 +231,7 @@ def test_parameter_count_matches_torch(family):
     folders, models = family
     for folder, hf in zip(folders, models):
         # transformers ties lm_head to embed_tokens; .parameters() yields a tied tensor once
-        assert reproduce.parameter_count(minisq.load(folder)) == sum(p.numel() for p in hf.parameters())
+        assert common.parameter_count(minisq.load(folder)) == sum(p.numel() for p in hf.parameters())
 
 
 def test_head_tokens_equal_the_start_of_the_whole_text(shared_data):
@@ -246,24 +243,24 @@ def test_head_tokens_equal_the_start_of_the_whole_text(shared_data):
         tok = load_tokenizer(shared_data / family_name, family_name)
         whole = tok.encode(text[:200_000])
         for n in (1, 100, 3000):
-            got = reproduce.head_tokens(tok, text, n)
+            got = texts.head_tokens(tok, text, n)
             assert got.dtype == np.int64 and got.tolist() == whole[:n]
 
 
 def test_paper_numbers_are_sourced_and_matched_by_name():
-    for name, entry in reproduce.PAPER.items():
-        assert entry["source"] in reproduce.PAPER_SOURCES
+    for name, entry in paper.PAPER.items():
+        assert entry["source"] in paper.PAPER_SOURCES
         for variant, (acc, ppl) in entry["results"].items():
-            assert variant in reproduce.VARIANTS
+            assert variant in reproduce.CORE
             assert acc is None or 0.0 <= acc <= 1.0
             assert ppl is None or ppl >= 1.0
-    assert reproduce.paper_entry("facebook/opt-175b") is reproduce.PAPER["opt-175b"]
-    assert reproduce.paper_entry("/models/OPT-13b/") is reproduce.PAPER["opt-13b"]
-    assert reproduce.paper_entry("facebook/opt-125m") is None  # the default family: blanks
+    assert paper.paper_entry("facebook/opt-175b") is paper.PAPER["opt-175b"]
+    assert paper.paper_entry("/models/OPT-13b/") is paper.PAPER["opt-13b"]
+    assert paper.paper_entry("facebook/opt-125m") is None  # the default family: blanks
     # a trained-looking row of a model the paper has sits beside the published number
     row = dict(model="facebook/opt-175b", variant="O3", perplexity=11.5, lambada_acc=0.74,
                vocab_size=50272, params=175e9)
     s = reproduce.settings_of(reproduce.parse_args([]))
-    table = reproduce.format_table([dict(row, variant="fp32"), row], s)
+    table = paper.format_table([dict(row, variant="fp32"), row], s)
     assert "| facebook/opt-175b | 175.0B | SmoothQuant-O3 | 11.50 | 11.17 [T3] | 74.0% | 74.6% [T3] |" in table
     assert "random" not in table.split("## The paper's")[0]

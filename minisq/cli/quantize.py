@@ -6,15 +6,19 @@ per layer (see :func:`minisq.quantize_checkpoint`). Killed, run the same command
 resumes after the last finished layer, with the same result. Reload the result with
 ``minisq.load(DST)``.
 
-Exit codes: 0 done; 1 a minisq error (the message says what and what to do); 2 bad arguments.
+Exit status: 0 done; 1 an error, printed as one line saying what and what to do (--debug
+adds the traceback); 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import numpy as np
+from .. import InputError, MinisqError, load, quantize_checkpoint
+from .common import add_debug_option, run_program, say
+from .texts import calibration_ids
 
 
 def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
@@ -22,7 +26,7 @@ def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Example:\n  minisq quantize facebook/opt-6.7b opt-6.7b-sq-o3 "
                                         "--preset O3 --alpha 0.5 --calib-samples 128 --seq-len 512\n")
-    ap.add_argument("src", help="checkpoint folder or hub id (GPT-2 / OPT family)")
+    ap.add_argument("src", help="checkpoint folder or hub id (GPT-2 / OPT / Llama family)")
     ap.add_argument("dst", help="output folder (new or empty, or an unfinished run of the same arguments)")
     ap.add_argument("--preset", default="O3", choices=["naive", "O1", "O2", "O3"], help="W8A8 preset (default O3)")
     ap.add_argument("--alpha", type=float, default=0.5, help="migration strength α in [0, 1] (default 0.5)")
@@ -32,6 +36,7 @@ def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/ (default $MINISQ_DATA_DIR, else download)")
     ap.add_argument("--seed", type=int, default=0, help="which paragraphs are drawn (default 0)")
     ap.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished run in DST")
+    add_debug_option(ap)
     args = ap.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         ap.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -40,30 +45,31 @@ def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
     return args
 
 
-def main(argv=None, prog: str = "minisq quantize") -> int:
-    args = parse_args(argv, prog)
-    from ..eval import data
-    from ..errors import MinisqError
-    from ..io.loading import load
-    from ..pipeline import quantize_checkpoint
-
+def run(args) -> None:
+    dst = Path(args.dst)
+    made = not dst.exists()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)   # an unwritable DST fails here, before SRC is read
+    except OSError as exc:
+        raise InputError(f"cannot make the output folder {dst}: {exc.strerror or exc}") from exc
     try:
         model = load(args.src, lazy=True)
-        if model.tokenizer is None:
-            raise MinisqError(f"{args.src} has no tokenizer files, which calibrating on text needs")
-        texts = data.calibration_texts(n=args.calib_samples, data_dir=args.data_dir, seed=args.seed)
-        calib = [np.asarray(model.tokenizer.encode(t), np.int64)[:min(args.seq_len, model.config.max_positions)]
-                 for t in texts]
-        print(f"quantizing {args.src} -> {args.dst}: preset {args.preset}, "
-              f"{'no smoothing' if args.no_smooth else f'alpha {args.alpha}'}, "
-              f"{len(calib)} calibration sequences ({sum(len(c) for c in calib)} tokens), layer by layer")
-        quantize_checkpoint(args.src, args.dst, calib, preset=args.preset, alpha=args.alpha,
-                            smooth=not args.no_smooth, resume=not args.no_resume)
-    except MinisqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"done: minisq.load({args.dst!r})")
-    return 0
+        calib, _ = calibration_ids(model, args.calib_samples, args.seq_len, args.data_dir, args.seed)
+    except MinisqError:
+        if made and not any(dst.iterdir()):  # leave no empty folder behind for a bad SRC
+            dst.rmdir()
+        raise
+    say(f"quantizing {args.src} -> {args.dst}: preset {args.preset}, "
+        f"{'no smoothing' if args.no_smooth else f'alpha {args.alpha}'}, "
+        f"{len(calib)} calibration sequences ({sum(len(c) for c in calib)} tokens), layer by layer")
+    quantize_checkpoint(args.src, args.dst, calib, preset=args.preset, alpha=args.alpha,
+                        smooth=not args.no_smooth, resume=not args.no_resume)
+    say(f"done: minisq.load({args.dst!r})")
+
+
+def main(argv=None, prog: str = "minisq quantize") -> int:
+    args = parse_args(argv, prog)  # exits with status 2 on bad arguments
+    return run_program(prog, run, args)
 
 
 if __name__ == "__main__":
