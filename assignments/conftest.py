@@ -52,6 +52,9 @@ TASKS = {
     "a4_2": "Task 4.2 static_scale (O3)",
     "a4_3": "Task 4.3 W8A8 leaf (QLinear, quantize_leaf)",
     "a4_4": "Task 4.4 quantize_model (replace_linears, logits vs minisq.quantize)",
+    "a5_1": "Task 5.1 smoothing_rows (the Llama block's rows, each an equivalence)",
+    "a5_2": "Task 5.2 row_factors (Eq. 4, one factor per kv channel under GQA)",
+    "a5_3": "Task 5.3 smooth_llama (equivalence, minisq's factors, W8A8 error below unsmoothed)",
 }
 # marker -> the minisq names that ARE the task's answer. A submission that uses one of them
 # (imported or reached as an attribute, in any spelling: minisq.course.borrowing) fails that
@@ -74,6 +77,9 @@ MINISQ_ANSWERS = {
     "a4_2": ("quantize_linear", "W8A8Linear", "quantize"),
     "a4_3": ("quantize_linear", "W8A8Linear", "quantize"),
     "a4_4": ("quantize", "quantize_linear", "W8A8Linear"),
+    "a5_1": ("SMOOTHING", "SMOOTHING_TABLE", "mappings_for"),
+    "a5_2": ("_factors", "_kv_factors", "smooth", "search_alpha"),
+    "a5_3": ("smooth", "_factors", "_kv_factors", "SMOOTHING", "SMOOTHING_TABLE", "mappings_for", "search_alpha"),
 }
 CHOICES = ("student", "solution", "wrong")
 _STATE: dict = {}  # task_of {nodeid: marker}, outcomes {nodeid: {"outcome", "message"}}

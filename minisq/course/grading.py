@@ -24,6 +24,10 @@ from .asserts import (  # noqa: F401
     assert_returns,
     assert_same_dtype_shape,
 )
+from .borrowing import borrowed, borrowed_message  # noqa: F401
+from .family_checks import (  # noqa: F401
+    check_row_factors, check_row_is_equivalence, check_rows, check_smoothed_family, reference_row_factors,
+)
 from .model_checks import (  # noqa: F401
     assert_equivalent,
     check_channel_absmax,
