@@ -60,6 +60,14 @@ def test_every_row_is_an_equivalence(student, llama64, layer):
         check_row_is_equivalence("smoothing_rows", model, row, layer=layer, seed=layer)
 
 
+@pytest.mark.a5_1
+def test_rows_have_distinct_groups_and_a_reason(student):
+    rows = student.smoothing_rows()
+    groups = [r.group for r in rows]
+    assert len(set(groups)) == len(groups), f"smoothing_rows: group names repeat ({groups}): users select rows by them"
+    assert all(isinstance(r.why, str) and r.why.strip() for r in rows), "smoothing_rows: every row needs its why"
+
+
 # --- Task 5.2 ---------------------------------------------------------------------------------
 
 def ranges(C, seed):

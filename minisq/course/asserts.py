@@ -61,3 +61,15 @@ def assert_returns(name: str, result, fields: tuple) -> tuple:
         got = type(result).__name__ + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
         raise AssertionError(f"{name} returned a {got}: return the tuple {want}")
     return tuple(result)
+
+
+def assert_raises_value_error(name: str, call, rule: str) -> None:
+    """``call()`` must raise ValueError, as the handout's ``rule`` says; the message names the rule."""
+    try:
+        call()
+    except ValueError:
+        return
+    except Exception as err:   # noqa: BLE001  -- any other error breaks the rule too: say which
+        raise AssertionError(f"{name} raised {type(err).__name__} ({err}), expected ValueError; the rule: "
+                             f"{rule}") from None
+    raise AssertionError(f"{name} returned normally, expected ValueError; the rule: {rule}")

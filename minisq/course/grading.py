@@ -21,6 +21,7 @@ from .asserts import (  # noqa: F401
     _fmt_index,
     assert_close,
     assert_equal,
+    assert_raises_value_error,
     assert_returns,
     assert_same_dtype_shape,
 )
@@ -32,8 +33,10 @@ from .model_checks import (  # noqa: F401
     assert_equivalent,
     check_channel_absmax,
     check_smoothing_factors,
+    check_smoothed_layernorms,
     check_smoothing_fold,
     check_static_scale,
+    check_w8a8_leaf,
 )
 
 # --- graders' checks: one answer against minisq's own, with a diagnosis ----------------------------

@@ -205,8 +205,86 @@ def check_static_scale(name: str, scale, channel_absmax, dtype=np.float32) -> No
     }
     hint = next((why for why, v in candidates.items() if v is not None
                  and abs(yours - v) <= 1e-6 * abs(v)), "")
+    if top > 0 and yours == float(np.asarray(top / 127, dtype)):   # one rounding too many, in the wrong dtype
+        hint = (f"yours is max / 127 divided in float64 and then cast to {dtype}: cast the max to {dtype} first, "
+                f"then divide by 127 in {dtype} (np.asarray(absmax.max(), dtype) / 127); the two differ in the last "
+                f"bit for about a quarter of ranges, and the scale is compared exactly")
     if not np.isfinite(yours):
         hint = "a NaN/inf scale: an all-zero range gets scale 1 instead of 0/127"
     raise AssertionError(f"{name}: yours {yours:.7g}, expected {float(want):.7g} = max absmax / 127 "
                          f"= {top:.6g} / 127 (computed in {dtype}; 1 if that is 0 or subnormal)"
                          + (f"; {hint}" if hint else ""))
+
+
+def check_smoothed_layernorms(name: str, smoothed, model, stats, alpha: float) -> None:
+    """The factor each LayerNorm of ``smoothed`` was divided by (``g_old / g_new``) against
+    ``minisq.smooth(model, stats, alpha)``'s, naming the classic mistakes: ``w_max`` from one
+    target only (of q, k and v), and 1/s."""
+    # Model, Model, CalibrationStats, float -> None
+    from ..smooth import mappings_for, smooth, smoothing_factors
+    from ..tree import get_param
+
+    factors = smooth(model, stats, alpha=alpha).info["smoothing"]["factors"]
+    rtol = 1e-12 if model.dtype == np.float64 else 1e-6
+    for m in mappings_for(model.config):
+        if m.kind != "layernorm":
+            continue
+        old = np.asarray(to_numpy(get_param(model.params, m.source)["g"]), np.float64)
+        new_ln = get_param(smoothed.params, m.source)
+        if not isinstance(new_ln, dict) or new_ln.get("g") is None:
+            raise AssertionError(f"{name}: {m.source} is {type(new_ln).__name__}, expected a LayerNorm {{'g', 'b'}}")
+        mine = old / np.asarray(to_numpy(new_ln["g"]), np.float64)
+        want = np.asarray(to_numpy(factors[m.source]), np.float64)
+        bad = ~(np.abs(mine - want) <= rtol * np.abs(want))
+        if not bad.any():
+            continue
+        j = int(np.argwhere(bad)[0][0])
+        act = stats.channel_absmax[m.targets[0]]
+        leaves = [np.abs(np.asarray(to_numpy(get_param(model.params, t).w), np.float64)).max(axis=1)
+                  for t in m.targets]
+        candidates = [(f"w_max must be the max over every linear {m.source} feeds ({', '.join(m.targets)}): "
+                       f"max |w[j, :]| over all {len(leaves)} of them; yours matches w_max from {t} only",
+                       np.asarray(to_numpy(smoothing_factors(act, wm, alpha))))
+                      for t, wm in zip(m.targets, leaves)] if len(leaves) > 1 else []
+        candidates.append(("yours is 1/s: divide the LayerNorm by s = max|X_j|^α / max|W_j|^(1-α)", 1 / want))
+        hint = next((why for why, v in candidates if np.allclose(mine, v, rtol=max(rtol, 1e-9), atol=0)), "")
+        raise AssertionError(f"{name}: {m.source} was divided by {mine[j]:.6g} at channel {j} (g before / g after), "
+                             f"expected s = {want[j]:.6g} (wrong in {int(bad.sum())} of {bad.size} channels)"
+                             + (f"; {hint}" if hint else ""))
+
+
+def check_w8a8_leaf(name: str, got, leaf, x, weights: str, acts: str, path: str, x_absmax=None, mask=None) -> None:
+    """A W8A8 leaf's output ``got`` on ``(x, mask)`` against ``minisq.quantize_linear(leaf, weights,
+    acts, x_absmax, path)``'s, within 1e-5 relative plus 1e-6 · max|y|; names a left-out bias, one
+    per-tensor scale for the whole batch instead of one per sequence, and padding that set a scale."""
+    # [..., T, C_out] float, Linear [C_in, C_out], [..., T, C_in] float, ..., [..., T] | None -> None
+    from ..qlinear import quantize_linear
+    from .asserts import assert_close
+
+    want = np.asarray(to_numpy(quantize_linear(leaf, weights, acts, x_absmax, path)(x, mask)))
+    atol = 1e-6 * float(np.abs(want).max())
+    got_np = np.asarray(to_numpy(got)) if hasattr(got, "shape") else got
+    candidates = []
+    if leaf.b is not None:
+        candidates.append(("your leaf leaves out the bias: add leaf.b after scaling back (the epilogue's bias on "
+                           "the int path, + b after the float matmul on the fake path)",
+                           want - np.asarray(to_numpy(leaf.b))))
+    if acts == "per_tensor" and np.ndim(x) >= 3:
+        candidates.append(("yours uses one scale for the whole batch: per-tensor dynamic means one scale per "
+                           "sequence, over its real tokens (minisq.quantize_per_sequence(x, mask) gives [B, 1, 1] "
+                           "scales; each row of the flattened [B·T, C_in] codes takes its sequence's)",
+                           quantize_linear(leaf, weights, "static", float(np.abs(x).max()), path)(x)))
+    if mask is not None and acts == "per_tensor":
+        candidates.append(("padding tokens set your scales: take each sequence's max over its real tokens only "
+                           "(mask == 1), e.g. minisq.quantize_per_sequence(x, mask)",
+                           quantize_linear(leaf, weights, acts, x_absmax, path)(x)))
+    hint = ""
+    if getattr(got_np, "shape", None) == want.shape:
+        for why, v in candidates:
+            v = np.asarray(to_numpy(v), np.float64)
+            if np.all(np.abs(got_np.astype(np.float64) - v) <= 1e-5 * np.abs(v) + atol) and not np.allclose(
+                    v, want, rtol=1e-5, atol=atol):
+                hint = why
+                break
+    assert_close(name, got, want.astype(np.asarray(x).dtype), rtol=1e-5, atol=atol,
+                 explain=hint or f"quantize x {acts}, then the {path} path (see the module docstring)")
