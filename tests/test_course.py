@@ -29,7 +29,7 @@ from minisq.course import grading
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
 ANSWERS = Path(__file__).resolve().parent / "course_answers"
-FOLDERS = ("a1_quantizers", "a2_int8_gemm", "a3_smoothing", "a4_w8a8_model")
+FOLDERS = ("a1_quantizers", "a2_int8_gemm", "a3_smoothing", "a4_w8a8_model", "a5_new_architecture")
 # Lines for one wrong function: pytest's header and footer plus the task table (24), then 3 per
 # failing test (its name, the grader's message, the grader line), never pages of tracebacks.
 FIXED_LINES, LINES_PER_FAILURE = 24, 3
