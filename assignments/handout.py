@@ -84,11 +84,18 @@ def sha256(path: Path) -> str:
 
 
 def build_wheel(out: Path) -> Path:
-    """minisq's wheel, built from the repository with pip (no network: the installed setuptools)."""
+    """minisq's wheel, built from the repository with pip: with the installed setuptools (no
+    network), or, if that fails (too old for pyproject.toml), in pip's isolated build environment."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
-               "-w", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        src = Path(tmp) / "src"        # a clean copy: a stale build/ in the repository never reaches the wheel
+        shutil.copytree(REPO / "minisq", src / "minisq", ignore=shutil.ignore_patterns(*IGNORED))
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (REPO / name).is_file():
+                shutil.copy2(REPO / name, src / name)
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", tmp]
+        proc = subprocess.run(cmd[:4] + ["--no-build-isolation"] + cmd[4:], capture_output=True, text=True)
+        if proc.returncode != 0:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("minisq-*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
             raise SystemExit(f"building minisq's wheel failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
