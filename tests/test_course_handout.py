@@ -164,3 +164,12 @@ def test_a_student_installs_the_handout_in_a_fresh_venv_without_torch(handout, t
                             "-p", "no:cacheprovider"], cwd=handout, env=env, capture_output=True, text=True,
                            timeout=600)
     assert stubs.returncode == 1 and "score: 0/3 tasks pass" in stubs.stdout, stubs.stdout[-3000:]
+
+
+def test_the_course_extra_is_the_light_set():
+    tomllib = pytest.importorskip("tomllib")      # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["course"]}
+    assert names == {"pytest", "hypothesis"}, extras["course"]      # what handout.py's requirements.txt adds
+    assert "torch" not in " ".join(extras["course"])
