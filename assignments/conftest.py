@@ -52,6 +52,34 @@ TASKS = {
     "a4_2": "Task 4.2 static_scale (O3)",
     "a4_3": "Task 4.3 W8A8 leaf (QLinear, quantize_leaf)",
     "a4_4": "Task 4.4 quantize_model (replace_linears, logits vs minisq.quantize)",
+    "a5_1": "Task 5.1 smoothing_rows (the Llama block's rows, each an equivalence)",
+    "a5_2": "Task 5.2 row_factors (Eq. 4, one factor per kv channel under GQA)",
+    "a5_3": "Task 5.3 smooth_llama (equivalence, minisq's factors, W8A8 error below unsmoothed)",
+}
+# marker -> the minisq names that ARE the task's answer. A submission that uses one of them
+# (imported or reached as an attribute, in any spelling: minisq.course.borrowing) fails that
+# task's tests with "task i.j calls minisq's own NAME: write it yourself". Everything else in
+# minisq stays allowed; each HANDOUT.md says which helpers a task may use.
+MINISQ_ANSWERS = {
+    "a1_1": ("quantize_per_tensor", "QUANTIZERS", "fake_quantize", "dynamic_scale"),
+    "a1_2": ("quantize_per_token", "QUANTIZERS", "fake_quantize", "dynamic_scale"),
+    "a1_3": ("quantize_per_channel", "QUANTIZERS", "fake_quantize", "dynamic_scale"),
+    "a1_4": ("dequantize", "fake_quantize"),
+    "a1_5": ("quantize_per_tensor", "QUANTIZERS", "fake_quantize"),
+    "a2_1": ("int8_gemm", "int8_gemm_reference", "int8_gemm_loops", "int8_bmm", "int8_bmm_reference"),
+    "a2_2": ("int8_gemm", "int8_gemm_reference", "int8_gemm_loops", "int8_bmm", "int8_bmm_reference"),
+    "a2_3": ("dequant_epilogue",),
+    "a2_4": ("quantize_linear", "W8A8Linear", "quantize", "int8_gemm", "dequant_epilogue"),
+    "a3_1": ("smoothing_factors", "search_alpha"),
+    "a3_2": ("apply_smoothing",),
+    "a3_3": ("smooth", "apply_smoothing", "smoothing_factors", "search_alpha"),
+    "a4_1": ("calibrate", "CalibrationStats"),
+    "a4_2": ("quantize_linear", "W8A8Linear", "quantize"),
+    "a4_3": ("quantize_linear", "W8A8Linear", "quantize"),
+    "a4_4": ("quantize", "quantize_linear", "W8A8Linear"),
+    "a5_1": ("SMOOTHING", "SMOOTHING_TABLE", "mappings_for"),
+    "a5_2": ("_factors", "_kv_factors", "smooth", "search_alpha"),
+    "a5_3": ("smooth", "_factors", "_kv_factors", "SMOOTHING", "SMOOTHING_TABLE", "mappings_for", "search_alpha"),
 }
 CHOICES = ("student", "solution", "wrong")
 _STATE: dict = {}  # task_of {nodeid: marker}, outcomes {nodeid: {"outcome", "message"}}
@@ -129,6 +157,36 @@ def load_answers(folder: Path, choice: str):
 def student(request):
     """The module under test (see ``--solution``) for the assignment this grader belongs to."""
     return load_answers(request.path.parent, request.config.getoption("--solution"))
+
+
+# --- borrowed answers -------------------------------------------------------------------------
+
+_BORROWED: dict = {}   # (answer path, marker) -> message ("" when the task's answer is the student's own)
+
+
+def borrowed_answer(item) -> str:
+    """The one-line message when the answer graded by ``item`` uses minisq's own answer to its task."""
+    task = _STATE["task_of"].get(item.nodeid)
+    path = answer_path(item.path.parent, item.config.getoption("--solution"))
+    if task is None or not path.is_file():
+        return ""
+    key = (str(path), task)
+    if key not in _BORROWED:
+        from minisq.course.borrowing import borrowed_message
+
+        number = task[1:].replace("_", ".")              # a1_2 -> 1.2
+        stub = item.path.parent / "student.py"           # which function is which task: the stub's "# Task" lines
+        layout = stub.read_text(encoding="utf-8") if stub.is_file() else None
+        _BORROWED[key] = borrowed_message(number, path.read_text(encoding="utf-8"), MINISQ_ANSWERS.get(task, ()),
+                                          layout)
+    return _BORROWED[key]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    message = borrowed_answer(item)
+    if message:
+        raise AssertionError(message)
 
 
 # --- short failure reports ---------------------------------------------------------------------

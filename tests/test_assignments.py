@@ -63,6 +63,8 @@ WRONG = {
     "a3_2": "you multiplied the LayerNorm",
     "a4_1": "take max(|x|), not max(x)",
     "a4_2": "mean of the channel ranges",
+    "a5_1": "forgets layers.{i}.mlp.gate_proj, which also reads",
+    "a5_2": "they must share one factor, from the max of their ranges",
 }
 
 

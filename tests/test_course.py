@@ -29,7 +29,7 @@ from minisq.course import grading
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
 ANSWERS = Path(__file__).resolve().parent / "course_answers"
-FOLDERS = ("a1_quantizers", "a2_int8_gemm", "a3_smoothing", "a4_w8a8_model")
+FOLDERS = ("a1_quantizers", "a2_int8_gemm", "a3_smoothing", "a4_w8a8_model", "a5_new_architecture")
 # Lines for one wrong function: pytest's header and footer plus the task table (24), then 3 per
 # failing test (its name, the grader's message, the grader line), never pages of tracebacks.
 FIXED_LINES, LINES_PER_FAILURE = 24, 3
@@ -185,7 +185,7 @@ def test_one_wrong_function_gives_a_short_report(tmp_path):
     lines = out.splitlines()
     assert proc.returncode == 1 and re.search(r"a1_2\s+FAIL", out), out[-3000:]
     failed = int(re.search(r"(\d+) failed", lines[-1]).group(1))
-    assert failed == 13 and len(lines) <= FIXED_LINES + LINES_PER_FAILURE * failed, f"{len(lines)} lines:\n{out}"
+    assert failed == 15 and len(lines) <= FIXED_LINES + LINES_PER_FAILURE * failed, f"{len(lines)} lines:\n{out}"
     assert "minisq/check.py" not in out and "minisq/grading.py" not in out and "def check_quantized" not in out and "raise AssertionError" not in out
     failures = out[out.index("= FAILURES ="):]
     first = failures.splitlines()[2]                       # after the "FAILURES" rule and the test's header

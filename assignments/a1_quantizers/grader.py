@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import minisq
-from minisq.course.grading import assert_equal, assert_returns, check_quantized
+from minisq.course.grading import assert_equal, assert_raises_value_error, assert_returns, check_quantized
 
 # derandomize: a grade must not depend on luck; no explain phase: our messages already explain
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -142,3 +142,65 @@ def test_static_scale_clips_outliers(student):
     scale = np.float32(np.abs(x).max() / 127 / 4)  # calibrated on smaller inputs: outliers must clip
     q, s = answer(student, "quantize_static", x, scale)
     check_quantized("quantize_static", q, s, x, "per_tensor", static_scale=scale)
+
+
+# --- the rules every quantizer follows (HANDOUT.md, "Rules for every quantizer") ---------------
+
+QUANTIZER_TASKS = [pytest.param("quantize_per_tensor", marks=pytest.mark.a1_1, id="per_tensor"),
+                   pytest.param("quantize_per_token", marks=pytest.mark.a1_2, id="per_token"),
+                   pytest.param("quantize_per_channel", marks=pytest.mark.a1_3, id="per_channel")]
+GRANULARITY = {"quantize_per_tensor": "per_tensor", "quantize_per_token": "per_token",
+               "quantize_per_channel": "per_channel"}
+
+
+@pytest.mark.parametrize("fn", QUANTIZER_TASKS)
+def test_rule_nan_or_inf_raises(student, fn):
+    for bad in (np.nan, np.inf):
+        x = np.ones((3, 4), np.float32)
+        x[1, 2] = bad
+        assert_raises_value_error(f"{fn} on an x holding {bad}", lambda: getattr(student, fn)(x),
+                                  "NaN or inf in x raise ValueError (use the given check_finite)")
+
+
+@pytest.mark.parametrize("fn", QUANTIZER_TASKS)
+def test_rule_zero_range_guard(student, fn):
+    x = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0]], np.float32)     # an all-zero row
+    if fn == "quantize_per_channel":
+        x = x.T.copy()                                                   # an all-zero column
+    q, s = answer(student, fn, x if fn != "quantize_per_tensor" else np.zeros((2, 3), np.float32))
+    check_quantized(f"{fn} (zero-range guard: scale 1 where max|x| / 127 < np.finfo(dtype).tiny)", q, s,
+                    x if fn != "quantize_per_tensor" else np.zeros((2, 3), np.float32), GRANULARITY[fn])
+    tiny = np.array([[1e-39, -1e-39, 0.0], [1.0, 2.0, -3.0]], np.float32)   # max|x| / 127 is subnormal
+    tiny = tiny.T.copy() if fn == "quantize_per_channel" else tiny
+    tiny = tiny[:1] if fn == "quantize_per_tensor" else tiny
+    q, s = answer(student, fn, tiny)
+    check_quantized(f"{fn} (zero-range guard: scale 1 where max|x| / 127 < np.finfo(dtype).tiny)", q, s, tiny,
+                    GRANULARITY[fn])
+
+
+@pytest.mark.parametrize("fn", QUANTIZER_TASKS)
+def test_rule_ties_round_to_even(student, fn):
+    x = np.array([[127.0, 2.5, -2.5, 0.5], [127.0, -0.5, 1.5, 126.5]])  # scale 1: x / scale are exact ties
+    q, s = answer(student, fn, x)
+    check_quantized(f"{fn} (rounding: np.rint, ties to even)", q, s, x, GRANULARITY[fn])
+
+
+@pytest.mark.a1_3
+def test_rule_per_channel_wants_a_matrix(student):
+    assert_raises_value_error("quantize_per_channel on a 1-D w", lambda: student.quantize_per_channel(
+        np.ones(5, np.float32)), "w is 2-D [C_in, C_out], else ValueError")
+
+
+@pytest.mark.a1_5
+@pytest.mark.parametrize("scale", [0.0, float("nan"), 1e-50], ids=["zero", "nan", "1e-50-is-0-in-float32"])
+def test_rule_static_scale_must_be_finite_and_positive(student, scale):
+    assert_raises_value_error(f"quantize_static(x float32, scale={scale})",
+                              lambda: student.quantize_static(np.ones((2, 2), np.float32), scale),
+                              "ValueError unless the scale, cast to x's dtype, is finite and greater than 0")
+
+
+@pytest.mark.a1_5
+def test_rule_static_nan_input_raises(student):
+    assert_raises_value_error("quantize_static on an x holding NaN",
+                              lambda: student.quantize_static(np.array([1.0, np.nan], np.float32), 0.1),
+                              "NaN or inf in x raise ValueError (use the given check_finite)")

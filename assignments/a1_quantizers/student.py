@@ -82,8 +82,8 @@ def quantize_static(x, scale):
 
     ``scale`` is a Python float or a 0-d array; it is cast to x's dtype and returned as a 0-d
     array. Values of x beyond ±127·Δ clip to ±127 — unlike a dynamic scale, a static one does
-    not adapt to x. Raises ValueError for NaN/inf in x and for a scale that, after the cast to
-    x's dtype, is not finite and > 0 (no zero-range guard here: a given scale is used as is).
+    not adapt to x. Raises ValueError for NaN/inf in x, and unless the scale, after the cast to
+    x's dtype, is finite and greater than 0 (no zero-range guard here: a given scale is used as is).
     """
     # Task 1.5
     # [...] float, [] float -> [...] int8, [] float

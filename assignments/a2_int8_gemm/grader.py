@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import minisq
-from minisq.course.grading import assert_close, check_epilogue, check_int_gemm
+from minisq.course.grading import assert_close, assert_raises_value_error, check_epilogue, check_int_gemm
 from minisq.nn import Linear
 
 # derandomize: a grade must not depend on luck; no explain phase: our messages already explain
@@ -136,3 +136,39 @@ def test_w8a8_linear(student):
 @pytest.mark.a2_4
 def test_w8a8_linear_no_bias(student):
     check_linear(student, *layer(20, 8, seed=1, bias=False))
+
+
+# --- the rules the handout states (ValueErrors, the empty sum) ----------------------------------
+
+GEMMS = [pytest.param("int8_matmul", marks=pytest.mark.a2_1, id="int8_matmul"),
+         pytest.param("int8_matmul_float32", marks=pytest.mark.a2_2, id="int8_matmul_float32")]
+OPERAND_RULE = "ValueError for non-int8 operands or mismatched K (use the given check_int8_operands)"
+
+
+@pytest.mark.parametrize("fn", GEMMS)
+def test_rule_bad_operands_raise(student, fn):
+    f = getattr(student, fn)
+    assert_raises_value_error(f"{fn} on float32 operands", lambda: f(np.ones((2, 3), np.float32),
+                                                                    np.ones((3, 2), np.float32)), OPERAND_RULE)
+    assert_raises_value_error(f"{fn} on [2, 3] @ [4, 2]", lambda: f(codes((2, 3)), codes((4, 2), 1)), OPERAND_RULE)
+
+
+@pytest.mark.parametrize("fn", GEMMS)
+def test_rule_empty_sum_is_zero(student, fn):
+    a, b = np.zeros((2, 0), np.int8), np.zeros((0, 3), np.int8)
+    check_int_gemm(f"{fn} with K = 0 (an empty sum gives zeros)", getattr(student, fn)(a, b), a, b)
+
+
+@pytest.mark.a2_2
+@pytest.mark.parametrize("block_k", [0, 1025])
+def test_rule_block_k_between_1_and_1024(student, block_k):
+    assert_raises_value_error(f"int8_matmul_float32(block_k={block_k})",
+                              lambda: student.int8_matmul_float32(codes((2, 8)), codes((8, 2), 1), block_k),
+                              "ValueError unless 1 <= block_k <= 1024")
+
+
+@pytest.mark.a2_4
+def test_rule_w8a8_linear_leading_axes_and_dtype(student):
+    x, w, b = layer(12, 5, seed=2, dtype=np.float64)
+    x = x.reshape(2, 3, 12)                       # [..., C_in]: flatten to [T, C_in], reshape back
+    check_linear(student, x, w, b)

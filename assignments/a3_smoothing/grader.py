@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.course.grading import assert_close, assert_equal, assert_equivalent, check_smoothing_factors, check_smoothing_fold
+from minisq.course.grading import (assert_close, assert_equal, assert_equivalent, assert_raises_value_error,
+                                   check_smoothed_layernorms, check_smoothing_factors, check_smoothing_fold)
 from minisq.config import ModelConfig
 from minisq.nn import Linear
 
 TINY_GPT2 = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=64, max_positions=32)
+TINY_OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=64,
+                       max_positions=32, activation="relu", position_offset=2)
 
 
 def ids(seed, shape, V=97):
@@ -88,10 +91,11 @@ def gpt2_float64():
 
 def compare_with_minisq(smoothed, reference):
     """Every LayerNorm and linear of the smoothed model against minisq.smooth's."""
-    for i, (mine, want) in enumerate(zip(smoothed.params["h"], reference.params["h"])):
-        for ln in ("ln_1", "ln_2"):
+    layers = "h" if "h" in reference.params else "layers"
+    for i, (mine, want) in enumerate(zip(smoothed.params[layers], reference.params[layers])):
+        for ln in [k for k, v in want.items() if isinstance(v, dict) and "g" in v]:
             for key in ("g", "b"):
-                assert_close(f"h.{i}.{ln}.{key}", mine[ln][key], want[ln][key], rtol=1e-12,
+                assert_close(f"{layers}.{i}.{ln}.{key}", mine[ln][key], want[ln][key], rtol=1e-12,
                              explain="each LayerNorm is divided by the s of the linears it feeds")
     for name, leaf in reference.linears().items():
         assert_close(f"{name}.w", smoothed.linears()[name].w, leaf.w, rtol=1e-12,
@@ -107,6 +111,57 @@ def test_smoothed_gpt2_is_equivalent(student, gpt2_float64, alpha):
     assert not np.array_equal(smoothed.linears()["h.0.attn.c_attn"].w, model.linears()["h.0.attn.c_attn"].w), (
         "smooth_model: h.0.attn.c_attn is unchanged — a model that is not smoothed is trivially equivalent; "
         "fold s into every LayerNorm -> linears mapping")
+    check_smoothed_layernorms("smooth_model", smoothed, model, stats, alpha)
     report = minisq.check_equivalence(model, smoothed, ids(3, (2, 20)), dtype="float64", tol=1e-10)
     assert_equivalent("smooth_model (float64 equivalence)", report)
     compare_with_minisq(smoothed, minisq.smooth(model, stats, alpha=alpha))
+
+
+# --- the rules the handout states -------------------------------------------------------------
+
+FACTOR_RULE = "ValueError for α outside [0, 1], shapes that differ or are not 1-D, NaN/inf"
+
+
+@pytest.mark.a3_1
+@pytest.mark.parametrize("act, w, alpha, what", [
+    ([1.0, 2.0], [1.0, 1.0], 1.5, "alpha = 1.5"),
+    ([1.0, 2.0], [1.0, 1.0, 1.0], 0.5, "shapes (2,) and (3,)"),
+    ([[1.0, 2.0]], [[1.0, 1.0]], 0.5, "2-D ranges"),
+    ([1.0, np.nan], [1.0, 1.0], 0.5, "a NaN range"),
+], ids=["alpha", "shapes", "2-D", "nan"])
+def test_rule_factors_reject_bad_input(student, act, w, alpha, what):
+    assert_raises_value_error(f"smoothing_factors with {what}",
+                              lambda: student.smoothing_factors(np.asarray(act), np.asarray(w), alpha), FACTOR_RULE)
+
+
+@pytest.mark.a3_2
+def test_rule_layernorm_without_gain_or_bias(student):
+    rng = np.random.default_rng(3)
+    targets = [Linear(rng.standard_normal((4, 3)).astype(np.float32), None)]
+    check_fold(student, {"g": None, "b": None}, targets, rng.uniform(0.5, 4, 4))   # None: ones / zeros
+
+
+@pytest.mark.a3_3
+def test_rule_w_max_over_every_target(student):
+    """OPT: one LayerNorm feeds q, k and v; w_max[j] is the max of |w[j, :]| over all three."""
+    model = minisq.synthetic_model(TINY_OPT, seed=2, dtype="float64")
+    stats = minisq.calibrate(model, [ids(4, (2, 12)), ids(5, (1, 20))], progress=False)
+    smoothed = student.smooth_model(model, stats, 0.5)
+    check_smoothed_layernorms("smooth_model (OPT)", smoothed, model, stats, 0.5)
+    assert_equivalent("smooth_model (OPT, float64 equivalence)",
+                      minisq.check_equivalence(model, smoothed, ids(6, (2, 15)), dtype="float64", tol=1e-10))
+    compare_with_minisq(smoothed, minisq.smooth(model, stats, alpha=0.5))
+
+
+@pytest.mark.a3_3
+def test_rule_float32_stays_float32_and_the_input_is_untouched(student):
+    model = minisq.synthetic_model(TINY_GPT2, seed=2, dtype="float32")
+    stats = minisq.calibrate(model, [ids(4, (2, 12))], progress=False)
+    before = {name: leaf.w.copy() for name, leaf in model.linears().items()}
+    smoothed = student.smooth_model(model, stats, 0.5)
+    for name, leaf in smoothed.linears().items():
+        assert leaf.w.dtype == np.float32, (f"smooth_model: {name}.w became {leaf.w.dtype}; the rule: a float32 "
+                                            f"model stays float32 (cast s to the parameters' dtype)")
+    for name, leaf in model.linears().items():
+        assert_equal(f"the original {name}.w", leaf.w, before[name],
+                     explain="the rule: the input model is untouched (return a new one)")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import minisq
-from minisq.course.grading import assert_close, assert_equal, assert_equivalent, check_channel_absmax, check_static_scale
+from minisq.course.grading import (assert_equal, assert_equivalent, assert_raises_value_error, check_channel_absmax,
+                                   check_static_scale, check_w8a8_leaf)
 from minisq.config import ModelConfig
 from minisq.nn import Linear
 
@@ -63,15 +64,13 @@ def float_leaf(C_in=24, C_out=10, seed=0, dtype=np.float32, bias=True):
     return Linear(w, b), x.astype(dtype)
 
 
-def check_leaf(student, leaf, x, weights, acts, path, x_absmax=None):
+def check_leaf(student, leaf, x, weights, acts, path, x_absmax=None, mask=None):
     want_leaf = minisq.quantize_linear(leaf, weights, acts, x_absmax, path)
-    x_scale = want_leaf.x_scale
-    mine = student.quantize_leaf(leaf, weights, acts, x_scale, path)
+    mine = student.quantize_leaf(leaf, weights, acts, want_leaf.x_scale, path)
     assert_equal("quantize_leaf(...).w_q", mine.w_q, want_leaf.w_q,
                  explain=f"the weight's int8 codes, quantized {weights}")
-    assert_close("your W8A8 leaf's output", mine(x), want_leaf(x), rtol=1e-5,
-                 atol=1e-6 * float(np.abs(want_leaf(x)).max()),
-                 explain=f"quantize x {acts}, then the {path} path (see the module docstring)")
+    check_w8a8_leaf("your W8A8 leaf's output", mine(x) if mask is None else mine(x, mask), leaf, x, weights, acts,
+                    path, x_absmax, mask)
 
 
 @pytest.mark.a4_3
@@ -105,3 +104,72 @@ def check_model(student, model, stats, config, path, input_ids, skip=("lm_head",
 def test_quantized_gpt2_logits(student, gpt2, name, config, path):
     model, _, stats = gpt2
     check_model(student, model, stats, config, path, ids(5, (2, 12)))
+
+
+# --- the rules the handout states -------------------------------------------------------------
+
+@pytest.mark.a4_1
+def test_rule_batches_of_any_shape_and_an_empty_list(student, gpt2):
+    model = gpt2[0]
+    batches = [ids(6, (7,)), ids(7, (2, 5))]                    # [T] and [B, T]
+    check_channel_absmax("calibrate_channel_absmax ([T] and [B, T] batches)",
+                         student.calibrate_channel_absmax(model, batches),
+                         minisq.calibrate(model, batches, progress=False).channel_absmax)
+    assert_raises_value_error("calibrate_channel_absmax(model, [])", lambda: student.calibrate_channel_absmax(model, []),
+                              "ValueError for an empty list of batches")
+
+
+@pytest.mark.a4_2
+def test_rule_static_scale_is_exact_in_its_dtype(student):
+    absmax = np.array([0.5, 3.0, 41.3, 1.25])      # float32(41.3) / 127 != float32(41.3 / 127)
+    check_static_scale("static_scale", student.static_scale(absmax, np.float32), absmax, np.float32)
+
+
+@pytest.mark.a4_2
+@pytest.mark.parametrize("absmax", [[1.0, np.nan], [-1.0, 2.0]], ids=["nan", "negative"])
+def test_rule_static_scale_rejects_bad_ranges(student, absmax):
+    assert_raises_value_error(f"static_scale({absmax})", lambda: student.static_scale(np.array(absmax), np.float32),
+                              "ValueError for NaN/inf or negative ranges")
+
+
+@pytest.mark.a4_3
+@pytest.mark.parametrize("acts", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("path", ["int", "fake"])
+def test_rule_per_tensor_scales_are_per_sequence(student, acts, path):
+    """[B, T, C_in] with a padding mask: one per-tensor scale per sequence, over its real tokens."""
+    leaf, x = float_leaf(C_in=12, C_out=6, seed=3)
+    x = np.stack([x, x * 0.01])                                 # two sequences, ranges 100x apart
+    x[1, 3:] *= 5000.0                                          # huge padding tokens must not set a scale
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    check_leaf(student, leaf, x, "per_channel", acts, path, mask=mask)
+
+
+@pytest.mark.a4_3
+@pytest.mark.parametrize("kwargs", [dict(weights="per_row"), dict(acts="per_channel"), dict(acts="static"),
+                                    dict(path="float")], ids=["weights", "acts", "static-without-scale", "path"])
+def test_rule_leaf_rejects_bad_choices(student, kwargs):
+    leaf, _ = float_leaf(C_in=4, C_out=3)
+    assert_raises_value_error(f"quantize_leaf(leaf, {kwargs})", lambda: student.quantize_leaf(leaf, **kwargs),
+                              "ValueError for unknown choices or acts='static' without x_scale")
+
+
+@pytest.mark.a4_4
+def test_rule_info_skip_input_untouched_static_needs_ranges(student, gpt2):
+    model = gpt2[0]
+    before = {name: type(leaf) for name, leaf in model.linears().items()}
+    skip = ("lm_head", "h.1.*")
+    mine = student.quantize_model(model, "per_tensor", "per_token", None, "fake", skip)
+    want = {"weights": "per_tensor", "acts": "per_token", "path": "fake", "skip": list(skip)}
+    assert mine.info.get("quantization") == want, (
+        f"quantize_model: info['quantization'] is {mine.info.get('quantization')!r}, expected {want!r}; the rule: "
+        f"model.replace_linears(..., quantization={{'weights': ..., 'acts': ..., 'path': ..., 'skip': list(skip)}})")
+    for name, leaf in mine.linears().items():
+        quantized = not isinstance(leaf, Linear)
+        assert quantized != any(fnmatch.fnmatchcase(name, p) for p in skip), (
+            f"quantize_model: {name!r} is {'W8A8' if quantized else 'float'}; the rule: every leaf except those "
+            f"matching a skip glob (fnmatch.fnmatchcase) becomes W8A8")
+    assert {name: type(leaf) for name, leaf in model.linears().items()} == before, \
+        "quantize_model changed the input model; the rule: the input model is untouched (model.replace_linears)"
+    assert_raises_value_error("quantize_model(model, 'per_tensor', 'static', None)",
+                              lambda: student.quantize_model(model, "per_tensor", "static", None, "int"),
+                              "ValueError for acts='static' without ranges")

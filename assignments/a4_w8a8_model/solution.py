@@ -152,7 +152,9 @@ def quantize_model(model, weights="per_channel", acts="per_token", channel_absma
     """A new W8A8 model: every linear leaf whose name matches no pattern of ``skip`` becomes a
     :class:`QLinear`. ``acts="static"`` needs ``channel_absmax`` (from
     :func:`calibrate_channel_absmax`) for a :func:`static_scale` per layer, in the model's
-    dtype. The new model's ``info["quantization"]`` records the choices; the input is untouched.
+    dtype. The new model's ``info["quantization"]`` is ``{"weights": weights, "acts": acts,
+    "path": path, "skip": list(skip)}`` (``model.replace_linears(fn, quantization=...)``); the
+    input is untouched.
     """
     # Task 4.4
     # Model -> Model (W8A8 leaves)
@@ -165,4 +167,4 @@ def quantize_model(model, weights="per_channel", acts="per_token", channel_absma
         x_scale = static_scale(channel_absmax[name], leaf.w.dtype) if acts == "static" else None
         return quantize_leaf(leaf, weights, acts, x_scale, path)
 
-    return model.replace_linears(swap, quantization=dict(weights=weights, acts=acts, path=path))
+    return model.replace_linears(swap, quantization=dict(weights=weights, acts=acts, path=path, skip=list(skip)))

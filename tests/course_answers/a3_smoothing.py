@@ -4,7 +4,7 @@ import numpy as np
 
 from minisq.nn import Linear
 from minisq.model import get_param as get_node, replace_param as set_node
-from minisq.smooth import mappings_for
+from minisq import mappings_for
 
 
 def smoothing_factors(act_max, w_max, alpha):

@@ -98,4 +98,5 @@ def quantize_model(model, weights="per_channel", acts="per_token", channel_absma
         scale = static_scale(channel_absmax[name], leaf.w.dtype) if acts == "static" else None
         return quantize_leaf(leaf, weights, acts, scale, path)
 
-    return model.replace_linears(replace)
+    return model.replace_linears(replace, quantization={"weights": weights, "acts": acts, "path": path,
+                                                         "skip": list(skip)})
