@@ -22,8 +22,6 @@ import minisq
 from minisq.errors import CheckpointError
 from minisq.io.checkpoint import read_safetensors, read_state_dict
 
-torch = pytest.importorskip("torch")
-
 
 def _ids(seed, shape, V=101):
     return np.random.default_rng(seed).integers(0, V, shape)
@@ -40,6 +38,7 @@ def _fake(x, scale):
 def gqa_llama(tmp_path_factory):
     """A tiny Llama with 4 query heads over 2 kv heads (float64), and the kv head each query
     head reads, as transformers' own repeat_kv lays them out."""
+    torch = pytest.importorskip("torch")
     from test_llama import hf_llama
     from transformers.models.llama.modeling_llama import repeat_kv
 
@@ -160,6 +159,7 @@ def test_static_int8_attention_equals_its_definition_with_delta_v_on_pv(opt64, p
 @pytest.fixture(scope="module")
 def fp16_opt(tmp_path_factory):
     """A 3-layer float16 OPT checkpoint."""
+    torch = pytest.importorskip("torch")
     from conftest import hf_model, save_hf_model
 
     hf = hf_model("opt", seed=4, num_hidden_layers=3).to(torch.float16)
@@ -321,12 +321,12 @@ def test_tied_lm_head_shares_memory_with_the_embedding_on_lazy_and_stored_models
     folder, _ = make_checkpoint(family)
     model = minisq.load(folder, **how)
     assert model.stored
-    outer = model.outer()                        # embedding, final norm and head in the compute dtype
-    emb, head = outer.params[embedding], outer.params["lm_head"].w
-    assert isinstance(emb, np.ndarray) and emb.dtype == np.float32
-    assert np.shares_memory(head, emb) and head.shape == emb.shape[::-1]
     eager = minisq.load(folder)
-    assert np.shares_memory(eager.params["lm_head"].w, eager.params[embedding])
+    # outer(): embedding, final norm and head in the compute dtype; astype: every weight widened
+    for widened in (model.outer(), model.astype("float32"), eager, eager.astype("float32")):
+        emb, head = widened.params[embedding], widened.params["lm_head"].w
+        assert isinstance(emb, np.ndarray) and emb.dtype == np.float32
+        assert np.shares_memory(head, emb) and head.shape == emb.shape[::-1]
     ids = _ids(8, (1, 9))
     tol = 0 if how.get("lazy") else 5e-2
     np.testing.assert_allclose(model(ids), eager(ids), rtol=0, atol=tol)
