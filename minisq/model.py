@@ -383,8 +383,10 @@ class Model:
             raise ConfigError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         params = materialize(self.params, dtype) if self.stored else self.params
         info = {k: v for k, v in self.info.items() if k != "storage"}
-        return self.evolve(params=_map_arrays(params, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a),
-                           info=info)
+        # copy=False: arrays already of dtype (all of them once widened) are kept, so a tied lm_head
+        # stays a view of the embedding instead of becoming a second copy of the biggest matrix
+        return self.evolve(params=_map_arrays(params, lambda a: a.astype(dtype, copy=False) if a.dtype.kind == "f"
+                                              else a), info=info)
 
 
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:
