@@ -68,7 +68,7 @@ from .gemm import int8_bmm, int8_linear, pack_weight_tn
 from .nn import Int8WeightShape, Linear, merge_heads, softmax, split_heads
 from .io.storage import materialize
 from .quant import (
-    QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
+    CONVENTIONS, QMAX, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
     quantize_per_tensor, quantize_per_token,
 )
 
@@ -97,6 +97,7 @@ class W8A8Linear(Int8WeightShape):
     only (:func:`quantize_linear` refuses it on the integer path). On the GPU the weight is
     packed once in cuBLAS's layout (``w_packed``, a :class:`~minisq.gemm.TNWeight`) and
     ``w_q`` is a ``[C_in, C_out]`` view of it: one int8 copy, never transposed per call.
+    ``convention`` is the activations' rounding rule (:data:`minisq.quant.CONVENTIONS`).
     """
 
     w_q: object
@@ -105,6 +106,7 @@ class W8A8Linear(Int8WeightShape):
     acts: str = "per_token"
     x_scale: object = None
     path: str = "int"
+    convention: str = "smoothquant"
     w_packed: object = dataclasses.field(default=None, repr=False)  # set by __post_init__
 
     def __post_init__(self):
@@ -132,12 +134,12 @@ class W8A8Linear(Int8WeightShape):
         """
         # [..., T, C_in] float -> [..., T, C_in] int8, scale broadcastable to [..., T, 1] ([..., 1, C_in])
         if self.acts == "per_token":
-            return quantize_per_token(x)
+            return quantize_per_token(x, convention=self.convention)
         if self.acts == "per_tensor":
-            return quantize_per_sequence(x, mask)
+            return quantize_per_sequence(x, mask, self.convention)
         if self.acts == "per_channel":
             return quantize_per_input_channel(x, mask)
-        return quantize_per_tensor(x, self.x_scale)
+        return quantize_per_tensor(x, self.x_scale, self.convention)
 
     def __call__(self, x, mask=None):
         # [..., T, C_in] float, [..., T] 0/1 or None -> [..., T, C_out] float (same dtype as x)
@@ -163,14 +165,16 @@ class W8A8Linear(Int8WeightShape):
 
 def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per_token",
                     x_absmax=None, path: str = "int", threshold: float | None = None,
-                    group_size: int | None = None):
+                    group_size: int | None = None, convention: str = "smoothquant"):
     """A quantized leaf from a float leaf: a :class:`W8A8Linear`, or one of the paper's
     baselines (:mod:`minisq.baselines`), chosen by the table :data:`LEAF_KINDS`.
     ``x_absmax`` is the calibrated max |x| of the leaf's input, needed for ``acts="static"``
     (scale = max|x| / 127); ``threshold`` makes an LLM.int8() leaf; ``group_size`` goes
-    with ``weights="per_group"`` (ZeroQuant)."""
+    with ``weights="per_group"`` (ZeroQuant); ``convention`` the rounding rule of a W8A8 leaf."""
     _check_options(weights, acts, path, threshold, group_size)
     kind = leaf_kind(weights, acts, threshold)
+    if kind != "w8a8" and convention != "smoothquant":
+        raise ConfigError(f"convention={convention!r} is for W8A8 leaves; the {kind} baseline rounds as SmoothQuant")
     if kind == "w8a16":
         w_q, w_scale = (quantize_per_channel if weights == "per_channel" else quantize_per_tensor)(leaf.w)
         return W8A16Linear(w_q, w_scale, leaf.b, path=path)
@@ -182,7 +186,7 @@ def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per
         w_q, w_scale = quantize_per_channel(leaf.w)
         return LLMInt8Linear(w_q, w_scale, leaf.b, threshold=float(threshold), path=path)
     quantize_w = quantize_per_channel if weights == "per_channel" else quantize_per_tensor
-    w_q, w_scale = quantize_w(leaf.w)
+    w_q, w_scale = quantize_w(leaf.w, convention=convention)
     x_scale = None
     if acts == "static":
         if x_absmax is None:
@@ -193,8 +197,8 @@ def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per
             raise CalibrationError(f"calibrated input range {x_absmax} is not a finite number >= 0; recalibrate")
         xp = get_array_module(leaf.w)
         # Δ = max|x| / 127 in the layer's dtype, with the quantizers' zero-range guard (Δ = 1)
-        x_scale = dynamic_scale(xp, xp.asarray(x_absmax, dtype=leaf.w.dtype))
-    return W8A8Linear(w_q, w_scale, leaf.b, acts=acts, x_scale=x_scale, path=path)
+        x_scale = dynamic_scale(xp, xp.asarray(x_absmax, dtype=leaf.w.dtype), convention)
+    return W8A8Linear(w_q, w_scale, leaf.b, acts=acts, x_scale=x_scale, path=path, convention=convention)
 
 
 def _check_choice(name: str, value: str, options: tuple) -> None:
@@ -256,7 +260,7 @@ DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
 
 def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
              stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
-             group_size: int | None = None, kv_cache: str = "float"):
+             group_size: int | None = None, kv_cache: str = "float", convention: str = "smoothquant"):
     """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
     (or a baseline's leaf, :mod:`minisq.baselines`).
 
@@ -275,7 +279,8 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     with the activation granularity (static scales for ``acts="static"``) and keeps the
     softmax probabilities P in float; ``"static"`` is the official int8 OPT model's scheme
     (needs ``acts="static"``, i.e. O3): static q/k/v scales and P as int8 at 1/127. The input
-    model is untouched.
+    model is untouched. ``convention`` is the W8A8 leaves' rounding rule
+    (:data:`minisq.quant.CONVENTIONS`: "smoothquant" or "compressed-tensors").
     """
     if preset is not None:
         table = {**PRESETS, **BASELINES}
@@ -290,6 +295,9 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
             threshold = cfg.get("threshold")
     _check_options(weights, acts, path, threshold, group_size)
     _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
+    _check_choice("convention", convention, tuple(CONVENTIONS))
+    if convention != "smoothquant" and attn_bmm is not False:
+        raise ConfigError("attn_bmm quantizes attention by SmoothQuant's rule only; use convention='smoothquant'")
     if kv_cache != "float" and attn_bmm is not False:
         raise ConfigError("kv_cache='int8' is for float attention: with attn_bmm the cache already holds the "
                           "int8 codes of k and v with their activation scales")
@@ -319,7 +327,8 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
         if group_size is not None:
             check_group_size(group_size, leaf.w.shape[0], name)
         # weights kept as float16/bfloat16 (or memory-mapped) are widened one leaf at a time
-        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path, threshold, group_size)
+        return quantize_linear(materialize(leaf, model.dtype), weights, acts, x_absmax, path, threshold, group_size,
+                               convention)
 
     info = dict(preset=preset or "custom", weights=weights, acts=acts, path=path,
                 skip=list(skip), attn_bmm=attn_bmm)
@@ -329,6 +338,8 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
                                        group_size=group_size).items() if v is not None})
     if kv_cache != "float":
         info["kv_cache"] = kv_cache
+    if convention != "smoothquant":
+        info["convention"] = convention
     qmodel = model.replace_linears(swap, quantization=info)
     if attn_bmm is not False:
         static = static_qkv_scales(model, stats) if acts == "static" else None
