@@ -10,6 +10,8 @@ For every linear leaf ``name`` the statistics hold
   static (O3) activation scales ``Δ = max|x| / 127``;
 * ``output_channel_absmax[name]`` ``[C_out]``: max |y[:, j]| per output channel, from which
   the static scales of attention's q, k and v come (GPT-2's fused ``c_attn`` holds all three);
+* ``channel_min[name]`` and ``channel_max[name]`` ``[C_in]``: the signed per-channel extremes
+  of the input, whose difference is llm-compressor's activation range (:mod:`minisq.conventions`);
 * optionally the first ``keep_samples`` input rows ``[n, C_in]``, for the α search and the
   per-layer quantization diagnostics.
 
@@ -53,6 +55,8 @@ class CalibrationStats:
     n_tokens: int
     signature: dict                # name -> [C_in, C_out]; plus "model_type"
     output_channel_absmax: dict = dataclasses.field(default_factory=dict)   # name -> [C_out] float64
+    channel_min: dict = dataclasses.field(default_factory=dict)             # name -> [C_in] float64
+    channel_max: dict = dataclasses.field(default_factory=dict)             # name -> [C_in] float64
 
     def input_absmax_of(self, name: str) -> float:
         return self.input_absmax[name]
@@ -100,6 +104,8 @@ class CalibrationStats:
         arrays = {f"channel/{k}": v for k, v in self.channel_absmax.items()}
         arrays.update({f"sample/{k}": v for k, v in self.samples.items()})
         arrays.update({f"outchannel/{k}": v for k, v in self.output_channel_absmax.items()})
+        arrays.update({f"chmin/{k}": v for k, v in self.channel_min.items()})
+        arrays.update({f"chmax/{k}": v for k, v in self.channel_max.items()})
         meta = dict(format=_FORMAT, input_absmax=self.input_absmax, output_absmax=self.output_absmax,
                     n_tokens=self.n_tokens, signature=self.signature)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -117,6 +123,7 @@ class CalibrationStats:
                 channel = {k[len("channel/"):]: z[k] for k in z.files if k.startswith("channel/")}
                 samples = {k[len("sample/"):]: z[k] for k in z.files if k.startswith("sample/")}
                 out_ch = {k[len("outchannel/"):]: z[k] for k in z.files if k.startswith("outchannel/")}
+                ch_min, ch_max = ({k[6:]: z[k] for k in z.files if k.startswith(tag)} for tag in ("chmin/", "chmax/"))
         except FileNotFoundError:
             raise CalibrationError(f"calibration file {path} not found") from None
         except Exception as exc:  # zip, JSON, key errors: a damaged or foreign file
@@ -125,7 +132,7 @@ class CalibrationStats:
             raise CalibrationError(f"{path} is not a minisq calibration file (format {meta.get('format')!r})")
         signature_ = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["signature"].items()}
         stats = cls(channel, meta["input_absmax"], meta["output_absmax"], samples, meta["n_tokens"], signature_,
-                    out_ch)
+                    out_ch, ch_min, ch_max)
         if model is not None:
             stats.check_matches(model)
         return stats
@@ -158,6 +165,7 @@ class _Recorder:
     def __init__(self, keep_samples: int):
         self.keep = keep_samples
         self.channel, self.inp, self.out, self.out_channel, self.samples = {}, {}, {}, {}, {}
+        self.lo, self.hi = {}, {}
 
     def record(self, name: str, x, y, mask=None) -> None:
         # [..., C_in], [..., C_out] (NumPy or CuPy), [...] 0/1 -> updated running maxima
@@ -179,6 +187,9 @@ class _Recorder:
         self.channel[name] = ax if prev is None else np.maximum(prev, ax)
         prev = self.out_channel.get(name)
         self.out_channel[name] = ay if prev is None else np.maximum(prev, ay)
+        lo, hi = x2.min(axis=0).astype(np.float64), x2.max(axis=0).astype(np.float64)     # [C_in] signed
+        self.lo[name] = lo if name not in self.lo else np.minimum(self.lo[name], lo)
+        self.hi[name] = hi if name not in self.hi else np.maximum(self.hi[name], hi)
         self.inp[name] = max(self.inp.get(name, 0.0), float(ax.max()))
         self.out[name] = max(self.out.get(name, 0.0), float(ay.max()))
         if self.keep:
@@ -247,5 +258,5 @@ def calibrate(model, batches, progress: bool = True, keep_samples: int = 0) -> C
         for ids in show_progress(seqs, progress, "calibrating"):
             observed(ids)
     return CalibrationStats(recorder.channel, recorder.inp, recorder.out, recorder.samples,
-                            n_tokens, signature(model), recorder.out_channel)
+                            n_tokens, signature(model), recorder.out_channel, recorder.lo, recorder.hi)
 

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from .backend import get_array_module, to_numpy
+from .conventions import activation_range, llmcompressor_factors, llmcompressor_groups
 from .errors import CalibrationError, ConfigError
 from .families import FAMILIES, family_for
 from .families.base import Mapping  # noqa: F401  (the row type, public here)
@@ -92,14 +93,20 @@ def weight_absmax(params, targets) -> np.ndarray:
     return np.max(np.stack(maxima), axis=0)
 
 
-def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
+def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS, convention: str = "smoothquant"):
     """A new, smoothed model that computes the same function as ``model``.
 
     ``stats`` come from :func:`minisq.calibrate` on ``model``. ``alpha`` is one float, or a
     dict ``{source name: α}`` (e.g. from :func:`minisq.search_alpha`) with a default under
     ``"*"``. ``groups`` picks rows of :data:`SMOOTHING_TABLE` (``"all"`` for every one).
+    ``convention="llm-compressor"`` computes the factors by llm-compressor's definitions and,
+    with the default ``groups``, smooths its mappings (:mod:`minisq.conventions`).
     The factors used are kept in ``model.info["smoothing"]["factors"]``.
     """
+    if convention not in FACTORS:
+        raise ConfigError(f"convention={convention!r} is not one of {tuple(FACTORS)}")
+    if convention == "llm-compressor" and groups == DEFAULT_GROUPS:
+        groups = llmcompressor_groups(model.config)
     if model.info.get("quantization"):
         raise ConfigError("smooth the float model, then quantize it (this model is already quantized)")
     if model.lazy:
@@ -112,13 +119,12 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     factors = {}
     for m in mappings_for(model.config, groups):
         a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
-        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets)
-        s = _factors(model.config, params, m, act_max, w_max, a)
+        s = FACTORS[convention](model.config, params, m, stats, weight_absmax(params, m.targets), a)
         factors[m.source] = s
         params = apply_smoothing(params, m, s, model.config.head_dim)
     info = dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(
         groups if groups != "all" else [m.group for m in SMOOTHING_TABLE[model.config.model_type]]),
-        factors=factors)
+        factors=factors, **({"convention": convention} if convention != "smoothquant" else {}))
     return model.evolve(params=params, info={**model.info, "smoothing": info})
 
 
@@ -137,6 +143,15 @@ def _factors(config, params, mapping: Mapping, act_max, w_max, alpha: float):
     group = lambda a: np.asarray(to_numpy(a)).reshape(G, rep, D).max(axis=1).reshape(-1)  # noqa: E731
     s = smoothing_factors(group(act_max), group(w_max), alpha)                             # [G*D]
     return np.broadcast_to(s.reshape(G, 1, D), (G, rep, D)).reshape(-1)                   # [H*D]
+
+
+# convention -> (config, params, mapping, stats, w_max, α) -> [C_in] factors
+FACTORS = {
+    "smoothquant": lambda cfg, params, m, stats, w_max, a: _factors(cfg, params, m, stats.channel_absmax[m.targets[0]],
+                                                                     w_max, a),
+    "llm-compressor": lambda cfg, params, m, stats, w_max, a: llmcompressor_factors(
+        activation_range(stats, m.targets[0]), w_max, a),
+}
 
 
 def apply_smoothing(params, mapping: Mapping, s, head_dim: int | None = None) -> dict:
