@@ -18,7 +18,7 @@ from minisq.conventions import MINIMUM_SMOOTHING_SCALE, llmcompressor_factors
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_compressed_tensors import CALIB, ids_of, outlier_model  # noqa: E402
+from _outlier_models import CALIB, ids_of, outlier_model  # noqa: E402
 
 # llm-compressor's mappings as it writes them: (balance layer patterns, smooth layer pattern)
 ORACLE_MAPPINGS = {
