@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def _calib_digest(seqs) -> str:
 
 
 def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: bool = True, groups=None,
-                        skip=None, attn_bmm=False, resume: bool = True, progress: bool = True):
+                        skip=None, attn_bmm=False, resume: bool = True, progress: bool = True,
+                        format: str = "minisq"):
     """SmoothQuant a checkpoint layer by layer into ``dst``, a folder ``minisq.load`` reads.
 
     ``src``: a checkpoint folder or hub id, read lazily (memory-mapped). ``calib``: texts or
@@ -117,6 +119,11 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
 
     What it holds in memory: one layer in float32, the calibration activations (twice when
     smoothing: the unsmoothed ones give the smoothing statistics), and one layer's stats.
+
+    ``format="compressed-tensors"`` quantizes with the format's rounding and writes a
+    compressed-tensors int-quantized checkpoint (:mod:`minisq.io.compressed_tensors`): the
+    layers are written to ``.<dst>.minisq-run`` beside it first (and resumed from there), then
+    converted, holding the int8 model in memory once.
     """
     from .calibrate import _as_sequences
     from .io.loading import load
@@ -131,13 +138,25 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
         raise ConfigError(f"attn_bmm={attn_bmm!r} is not one of {ATTN_BMM_MODES}")
     if attn_bmm == "static" and PRESETS[preset]["acts"] != "static":
         raise ConfigError("attn_bmm='static' is the official int8 O3 path: it needs preset 'O3'")
+    if format not in ("minisq", "compressed-tensors"):
+        raise ConfigError(f"format={format!r} is not one of ('minisq', 'compressed-tensors')")
+    convention = "compressed-tensors" if format == "compressed-tensors" else "smoothquant"
     model = load(src, lazy=True)
+    if format == "compressed-tensors":      # refuse what the format cannot express before any work
+        from .io.compressed_tensors import CHECKPOINT_PREFIX
+        if attn_bmm is not False or model.config.model_type not in CHECKPOINT_PREFIX:
+            raise ConfigError(f"compressed-tensors holds {sorted(CHECKPOINT_PREFIX)} models without attention-BMM "
+                              f"quantization (this is {model.config.model_type}, attn_bmm={attn_bmm!r})")
     seqs = _as_sequences(model, calib)
-    dst = Path(dst)
+    final, dst = Path(dst), Path(dst)
+    if format == "compressed-tensors":
+        dst = final.with_name(f".{final.name}.minisq-run")
     key = dict(format=FORMAT, src=str(src), preset=preset, alpha=alpha, smooth=bool(smooth), groups=list(groups),
-               skip=list(skip), attn_bmm=attn_bmm, calib=_calib_digest(seqs), layers=model.config.num_layers)
+               skip=list(skip), attn_bmm=attn_bmm, calib=_calib_digest(seqs), layers=model.config.num_layers,
+               **({"convention": convention} if convention != "smoothquant" else {}))
     done = _prepare_dst(dst, key, resume)
     run = _Run(model, dst, preset, alpha, smooth, groups, skip, attn_bmm, seqs)
+    run.convention = convention
     run.start(done)
     bar = show_progress(range(done, model.config.num_layers), progress, "quantizing layers")
     n_tokens = sum(int(ids.size) for ids in seqs)
@@ -150,7 +169,11 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     run.finish(src)
     _write_json(dst / RUN_FILE, {"key": key, "layers_done": model.config.num_layers, "finished": True})
     run.clean_up()
-    return dst
+    if format == "compressed-tensors":
+        from .io.compressed_tensors import save_compressed_tensors
+        save_compressed_tensors(load(dst), final)
+        shutil.rmtree(dst)
+    return final
 
 
 def _prepare_dst(dst: Path, key: dict, resume: bool) -> int:
@@ -224,6 +247,7 @@ class _Run:
         self.family, self.outer = model.family, model.outer()
         self.inputs = [model.prepare(ids) for ids in seqs]           # each calibration batch unpadded
         self.key = self.family.LAYER_PREFIX.split(".")[0]            # "h", "layers"
+        self.convention = "smoothquant"                               # the W8A8 leaves' rounding
 
     # --- the carried activations ------------------------------------------------------------
     def start(self, done: int) -> None:
@@ -295,7 +319,8 @@ class _Run:
             if any(fnmatch.fnmatchcase(full, pattern) for pattern in self.skip):
                 return leaf
             x_absmax = stats.inp[full] if granularity["acts"] == "static" else None
-            return quantize_linear(leaf, granularity["weights"], granularity["acts"], x_absmax, "int")
+            return quantize_linear(leaf, granularity["weights"], granularity["acts"], x_absmax, "int",
+                                   convention=self.convention)
 
         quantized = _map(layer, swap, "")
         tensors: dict = {}
@@ -338,6 +363,8 @@ class _Run:
                                  "groups": list(self.groups)}
         info["quantization"] = dict(preset=self.preset, weights=granularity["weights"], acts=granularity["acts"],
                                     path="int", skip=list(self.skip), attn_bmm=self.attn_bmm)
+        if self.convention != "smoothquant":
+            info["quantization"]["convention"] = self.convention
         info_skeleton = _encode(info, "info", info_tensors)
         if self.smooth:   # the factors stay in the layer shards; refer to them by name
             info_skeleton["dict"]["smoothing"]["dict"]["factors"] = {

@@ -354,3 +354,24 @@ def test_unsupported_or_broken_checkpoints_are_clear_errors(good_export, tmp_pat
     with pytest.raises(error, match=match) as info:
         minisq.load(folder)
     assert isinstance(info.value, MinisqError)
+
+
+def test_quantize_checkpoint_streams_into_compressed_tensors(checkpoints, tmp_path):
+    """The layer-by-layer driver with format="compressed-tensors" gives the in-memory result."""
+    from minisq.cli.quantize import parse_args
+
+    src = checkpoints["opt"][0]
+    dst = minisq.quantize_checkpoint(src, tmp_path / "streamed", CALIB, preset="O3", alpha=0.5,
+                                     format="compressed-tensors", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed"]      # the work folder is gone
+    streamed = minisq.load(dst)
+    model = minisq.load(src)
+    smoothed = minisq.smooth(model, minisq.calibrate(model, CALIB, progress=False), alpha=0.5)
+    ref = minisq.quantize(smoothed, "O3", stats=minisq.calibrate(smoothed, CALIB, progress=False),
+                          convention="compressed-tensors")
+    ids = ids_of(3, (2, 8))
+    assert np.array_equal(streamed(ids), ref(ids))
+    assert parse_args(["a", "b", "--format", "compressed-tensors"]).format == "compressed-tensors"
+    with pytest.raises(ConfigError, match="attention-BMM"):
+        minisq.quantize_checkpoint(src, tmp_path / "x", CALIB, attn_bmm=True, format="compressed-tensors",
+                                   progress=False)

@@ -32,6 +32,9 @@ def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/ (default $MINISQ_DATA_DIR, else download)")
     ap.add_argument("--seed", type=int, default=0, help="which paragraphs are drawn (default 0)")
     ap.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished run in DST")
+    ap.add_argument("--format", default="minisq", choices=["minisq", "compressed-tensors"],
+                    help="what DST holds: minisq's format (default) or a compressed-tensors int-quantized W8A8 "
+                         "checkpoint (vLLM, transformers), quantized with that format's rounding")
     args = ap.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         ap.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -58,7 +61,7 @@ def main(argv=None, prog: str = "minisq quantize") -> int:
               f"{'no smoothing' if args.no_smooth else f'alpha {args.alpha}'}, "
               f"{len(calib)} calibration sequences ({sum(len(c) for c in calib)} tokens), layer by layer")
         quantize_checkpoint(args.src, args.dst, calib, preset=args.preset, alpha=args.alpha,
-                            smooth=not args.no_smooth, resume=not args.no_resume)
+                            smooth=not args.no_smooth, resume=not args.no_resume, format=args.format)
     except MinisqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

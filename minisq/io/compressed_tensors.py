@@ -168,12 +168,14 @@ def hf_state_dict(model, dtype: str) -> tuple:
         elif isinstance(node, W8A8Linear):
             put(f"{hf(name)}.weight", to_numpy(node.w_q).T, "int8")            # [C_out, C_in] int8
             w_s = to_numpy(node.w_scale)
-            put(f"{hf(name)}.weight_scale", w_s.reshape(-1, 1) if w_s.ndim else w_s.reshape(1), "float32")
+            weights = "per_tensor" if w_s.size == 1 else "per_channel"                # [1, C_out] or one value
+            put(f"{hf(name)}.weight_scale", w_s.reshape(-1, 1) if weights == "per_channel" else w_s.reshape(1),
+                "float32")
             if node.acts == "static":
                 put(f"{hf(name)}.input_scale", to_numpy(node.x_scale).reshape(1), "float32")
             if node.b is not None:
                 put(f"{hf(name)}.bias", node.b)
-            schemes.setdefault((node.weights, node.acts), []).append(hf(name))
+            schemes.setdefault((weights, node.acts), []).append(hf(name))
         elif isinstance(node, Linear):
             ignore.append(hf(name))
             tied = name == "lm_head" and model.config.tie_word_embeddings and \
@@ -189,17 +191,21 @@ def hf_state_dict(model, dtype: str) -> tuple:
     return out, schemes, ignore
 
 
-def _hf_config(model, dtype: str, qconfig: dict, tied: bool) -> dict:
+def _source_config(model) -> dict | None:
+    """The config.json of the checkpoint the model came from, or None (synthetic, in memory)."""
+    source = model.info.get("source")
+    if not source:
+        return None
+    try:
+        from .hub import resolve_model_dir
+        return json.loads((resolve_model_dir(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, MinisqError):
+        return None
+
+
+def _hf_config(model, raw, dtype: str, qconfig: dict, tied: bool) -> dict:
     """The source checkpoint's config.json (or the family's rendering of the config), with
     this dtype and quantization_config."""
-    raw = None
-    source = model.info.get("source")
-    if source:
-        try:
-            from .hub import resolve_model_dir
-            raw = json.loads((resolve_model_dir(source) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, MinisqError):   # no source folder (synthetic): the family's rendering
-            raw = None
     if raw is None:
         family = family_for(model.config)
         if not hasattr(family, "config_to_hf"):
@@ -231,12 +237,10 @@ def write_safetensors(tensors: dict, path) -> None:
             f.write(raw)
 
 
-def source_dtype(model) -> str:
-    """The float dtype of the checkpoint the model came from (float32 when unknown)."""
-    storage = model.info.get("storage", {}).get("dtype")
-    if storage in ("float16", "bfloat16"):
-        return storage
-    return "float32"
+def source_dtype(raw) -> str:
+    """The float dtype a source config.json states (float32 when it states none we write)."""
+    stated = (raw or {}).get("dtype") or (raw or {}).get("torch_dtype")
+    return stated if stated in ("float16", "bfloat16", "float32") else "float32"
 
 
 def save_compressed_tensors(model, folder, dtype: str | None = None) -> Path:
@@ -248,7 +252,8 @@ def save_compressed_tensors(model, folder, dtype: str | None = None) -> Path:
     the scheme; written to a temporary folder and renamed, so ``folder`` is never half-written.
     """
     check_exportable(model)
-    dtype = dtype or source_dtype(model)
+    raw = _source_config(model)
+    dtype = dtype or source_dtype(raw)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     folder = Path(folder)
@@ -258,7 +263,7 @@ def save_compressed_tensors(model, folder, dtype: str | None = None) -> Path:
         model = model.to("cpu")
     tensors, schemes, ignore = hf_state_dict(model, dtype)
     tied = "lm_head.weight" not in tensors
-    config = _hf_config(model, dtype, quantization_config(schemes, ignore), tied)
+    config = _hf_config(model, raw, dtype, quantization_config(schemes, ignore), tied)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
