@@ -188,6 +188,29 @@ check("smoothing helps (W8A8, paper's definitions)", "KL below no smoothing",
       rows["W8A8 (channel/token)", "smoothquant"][1] < rows["W8A8 (channel/token)", "none"][1])
 
 # %% [markdown]
+# **A control.** The same model without the bias push (every planted channel symmetric about
+# 0), on the same tokens: for a symmetric channel `max − min = 2·max|X|` and the 2 on the
+# weight side balances it, so the gap between the two definitions should shrink.
+
+# %%
+sd_sym = synthetic_state_dict(config, n_outliers=4, outlier_scale=40.0, seed=0)
+sym = Model(config, params_from_state_dict(config, sd_sym, np.float32, config.name),
+            info={"synthetic": SYNTHETIC_LABEL, "outlier_channels": HOT.tolist()})
+ref_sym = sym(probe)
+stats_sym = minisq.calibrate(sym, calib, progress=False)
+control = {}
+for conv in ("smoothquant", "llm-compressor"):
+    sm = minisq.smooth(sym, stats_sym, alpha=0.5, convention=conv)
+    sm_stats = minisq.calibrate(sm, calib, progress=False)
+    for scheme, kw in SCHEMES.items():
+        qm = minisq.quantize(sm, stats=sm_stats, convention="compressed-tensors", **kw)
+        control[scheme, conv] = minisq.logit_error(ref_sym, qm(probe))["kl"]
+print(f"{'':22s}{'smoothing':>16s}{'KL, pushed':>14s}{'KL, symmetric':>16s}")
+for scheme in SCHEMES:
+    for conv in ("smoothquant", "llm-compressor"):
+        print(f"{scheme:22s}{conv:>16s}{rows[scheme, conv][1]:>14.3g}{control[scheme, conv]:>16.3g}")
+
+# %% [markdown]
 # **Reading the numbers.** The pushed channel's `max|X|` includes the LayerNorm bias, its
 # `max − min` does not, so llm-compressor divides it by a smaller factor and leaves more of
 # its offset in the activations. That offset is exactly what a per-token or per-tensor int8
