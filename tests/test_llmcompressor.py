@@ -1,0 +1,56 @@
+"""``smooth(..., convention="llm-compressor")`` against llm-compressor itself: ``oneshot`` with
+``SmoothQuantModifier(smoothing_strength=α)`` on the same tiny Llama and calibration tokens.
+
+llm-compressor pins its own transformers range, so it is not in the test extra: this module
+skips without it. To run it, in a separate environment:
+``python -m venv /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor torch==2.13.0 pytest``,
+then ``/tmp/llmc/bin/python -m pytest tests/test_llmcompressor.py`` with minisq on the path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import minisq
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("llmcompressor", reason="llm-compressor (optional oracle, its own environment)")
+datasets = pytest.importorskip("datasets")
+
+from _outlier_models import CALIB, outlier_model  # noqa: E402
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_smoothing_equals_llmcompressor_oneshot(tmp_path, alpha):
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    hf = outlier_model("llama", seed=5)
+    with torch.no_grad():                      # a residual channel pushed to one side
+        hf.model.embed_tokens.weight[:, 5] += 3.0
+    hf.save_pretrained(tmp_path / "float")
+    model = minisq.load(tmp_path / "float")
+    ours = minisq.smooth(model, minisq.calibrate(model, CALIB, progress=False), alpha=alpha,
+                         convention="llm-compressor")
+
+    rows = [ids[0].tolist() for ids in CALIB]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    theirs = oneshot(model=copy.deepcopy(hf), dataset=data, recipe=SmoothQuantModifier(smoothing_strength=alpha),
+                     pipeline="basic", num_calibration_samples=len(rows), shuffle_calibration_samples=False,
+                     max_seq_length=max(len(r) for r in rows))
+    sd = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
+    changed = 0
+    for name, leaf in ours.linears().items():
+        if name == "lm_head":
+            continue
+        ref = sd["model." + name + ".weight"]
+        np.testing.assert_allclose(leaf.w.T, ref, rtol=5e-6, atol=1e-9)
+        changed += not np.allclose(ref, hf.state_dict()["model." + name + ".weight"].numpy())
+    assert changed == 2 * 5                    # q, k, v, gate, up of both layers were smoothed
+    for i in range(2):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            np.testing.assert_allclose(ours.params["layers"][i][norm]["g"], sd[f"model.layers.{i}.{norm}.weight"],
+                                       rtol=5e-6)
