@@ -9,7 +9,6 @@ then ``/tmp/llmc/bin/python -m pytest tests/test_llmcompressor.py`` with minisq 
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -38,19 +37,30 @@ def test_smoothing_equals_llmcompressor_oneshot(tmp_path, alpha):
 
     rows = [ids[0].tolist() for ids in CALIB]
     data = datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
-    theirs = oneshot(model=copy.deepcopy(hf), dataset=data, recipe=SmoothQuantModifier(smoothing_strength=alpha),
+    # the rows are token ids already; oneshot still wants a tokenizer: a word-level one over the ids
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {str(i): i for i in range(hf.config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="0")),
+                                        pad_token="1")
+    theirs = oneshot(model=str(tmp_path / "float"), tokenizer=tokenizer, dataset=data,
+                     recipe=SmoothQuantModifier(smoothing_strength=alpha),
                      pipeline="basic", num_calibration_samples=len(rows), shuffle_calibration_samples=False,
                      max_seq_length=max(len(r) for r in rows))
     sd = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
+    # The ranges come from two forward passes (minisq's NumPy, transformers' torch) that agree to
+    # ~1e-7 relative; max - min of the channel pushed to one side cancels most of its digits
+    # (it lies far from 0 with a small spread), which amplifies that to ~4e-5 in its factor.
+    rtol = 2e-4
     changed = 0
     for name, leaf in ours.linears().items():
         if name == "lm_head":
             continue
         ref = sd["model." + name + ".weight"]
-        np.testing.assert_allclose(leaf.w.T, ref, rtol=5e-6, atol=1e-9)
+        np.testing.assert_allclose(leaf.w.T, ref, rtol=rtol, atol=1e-9)
         changed += not np.allclose(ref, hf.state_dict()["model." + name + ".weight"].numpy())
     assert changed == 2 * 5                    # q, k, v, gate, up of both layers were smoothed
     for i in range(2):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             np.testing.assert_allclose(ours.params["layers"][i][norm]["g"], sd[f"model.layers.{i}.{norm}.weight"],
-                                       rtol=5e-6)
+                                       rtol=rtol)
