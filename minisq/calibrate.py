@@ -10,6 +10,8 @@ For every linear leaf ``name`` the statistics hold
   static (O3) activation scales ``Δ = max|x| / 127``;
 * ``output_channel_absmax[name]`` ``[C_out]``: max |y[:, j]| per output channel, from which
   the static scales of attention's q, k and v come (GPT-2's fused ``c_attn`` holds all three);
+* ``channel_min[name]`` and ``channel_max[name]`` ``[C_in]``: the signed per-channel extremes
+  of the input, whose difference is llm-compressor's activation range (:mod:`minisq.conventions`);
 * optionally the first ``keep_samples`` input rows ``[n, C_in]``, for the α search and the
   per-layer quantization diagnostics.
 
@@ -55,6 +57,8 @@ class CalibrationStats:
     n_tokens: int
     signature: dict                # name -> [C_in, C_out]; plus "model_type"
     output_channel_absmax: dict = dataclasses.field(default_factory=dict)   # name -> [C_out] float64
+    channel_min: dict = dataclasses.field(default_factory=dict)             # name -> [C_in] float64
+    channel_max: dict = dataclasses.field(default_factory=dict)             # name -> [C_in] float64
 
     def input_absmax_of(self, name: str) -> float:
         """max |x| over the calibration tokens of leaf ``name``'s input."""
@@ -106,6 +110,8 @@ class CalibrationStats:
         arrays = {f"channel/{k}": v for k, v in self.channel_absmax.items()}
         arrays.update({f"sample/{k}": v for k, v in self.samples.items()})
         arrays.update({f"outchannel/{k}": v for k, v in self.output_channel_absmax.items()})
+        arrays.update({f"chmin/{k}": v for k, v in self.channel_min.items()})
+        arrays.update({f"chmax/{k}": v for k, v in self.channel_max.items()})
         meta = dict(format=_FORMAT, input_absmax=self.input_absmax, output_absmax=self.output_absmax,
                     n_tokens=self.n_tokens, signature=self.signature)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -123,6 +129,7 @@ class CalibrationStats:
                 channel = {k[len("channel/"):]: z[k] for k in z.files if k.startswith("channel/")}
                 samples = {k[len("sample/"):]: z[k] for k in z.files if k.startswith("sample/")}
                 out_ch = {k[len("outchannel/"):]: z[k] for k in z.files if k.startswith("outchannel/")}
+                ch_min, ch_max = ({k[6:]: z[k] for k in z.files if k.startswith(tag)} for tag in ("chmin/", "chmax/"))
         except FileNotFoundError:
             raise CalibrationError(f"calibration file {path} not found") from None
         except Exception as exc:  # zip, JSON, key errors: a damaged or foreign file
@@ -131,7 +138,7 @@ class CalibrationStats:
             raise CalibrationError(f"{path} is not a minisq calibration file (format {meta.get('format')!r})")
         signature_ = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["signature"].items()}
         stats = cls(channel, meta["input_absmax"], meta["output_absmax"], samples, meta["n_tokens"], signature_,
-                    out_ch)
+                    out_ch, ch_min, ch_max)
         if model is not None:
             stats.check_matches(model)
         return stats
@@ -164,6 +171,7 @@ class Recorder:
     def __init__(self, keep_samples: int):
         self.keep = keep_samples
         self.channel, self.inp, self.out, self.out_channel, self.samples = {}, {}, {}, {}, {}
+        self.lo, self.hi = {}, {}
 
     def record(self, name: str, x, y, mask=None) -> None:
         # [..., C_in], [..., C_out] (NumPy or CuPy), [...] 0/1 -> updated running maxima
@@ -185,6 +193,9 @@ class Recorder:
         self.channel[name] = ax if prev is None else np.maximum(prev, ax)
         prev = self.out_channel.get(name)
         self.out_channel[name] = ay if prev is None else np.maximum(prev, ay)
+        lo, hi = x2.min(axis=0).astype(np.float64), x2.max(axis=0).astype(np.float64)     # [C_in] signed
+        self.lo[name] = lo if name not in self.lo else np.minimum(self.lo[name], lo)
+        self.hi[name] = hi if name not in self.hi else np.maximum(self.hi[name], hi)
         self.inp[name] = max(self.inp.get(name, 0.0), float(ax.max()))
         self.out[name] = max(self.out.get(name, 0.0), float(ay.max()))
         if self.keep:
@@ -197,7 +208,7 @@ class Recorder:
     def stats(self, n_tokens: int, signature_: dict) -> "CalibrationStats":
         """What was recorded, as :class:`CalibrationStats`."""
         return CalibrationStats(self.channel, self.inp, self.out, self.samples, n_tokens, signature_,
-                                self.out_channel)
+                                self.out_channel, self.lo, self.hi)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -359,12 +359,13 @@ class Model:
 
         return kv_cache_bytes_per_token(self)
 
-    def save(self, folder):
+    def save(self, folder, format: str = "minisq"):
         """Write this model (float, smoothed or quantized) to ``folder``; reload it with
-        ``minisq.load(folder)``. See :mod:`minisq.io.export`."""
+        ``minisq.load(folder)``. ``format="compressed-tensors"`` writes a W8A8 model as a
+        compressed-tensors int-quantized checkpoint (vLLM, transformers). See :mod:`minisq.io.export`."""
         from .io.export import save_model
 
-        return save_model(self, folder)
+        return save_model(self, folder, format=format)
 
     # --- conversions --------------------------------------------------------------------
     def to(self, device: str) -> "Model":

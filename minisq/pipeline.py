@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _calib_digest(seqs) -> str:
 def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: bool = True, groups=None,
                         skip=None, attn_bmm=False, resume: bool = True, progress: bool = True,
                         threshold: float | None = None, group_size: int | None = None, kv_cache: str = "float",
-                        path: str = "int"):
+                        path: str = "int", format: str = "minisq"):
     """SmoothQuant a checkpoint layer by layer into ``dst``, a folder ``minisq.load`` reads.
 
     ``src``: a checkpoint folder or hub id, read lazily (memory-mapped). ``calib``: texts or
@@ -85,17 +86,35 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
 
     What it holds in memory: one layer in float32, the calibration activations (twice when
     smoothing: the unsmoothed ones give the smoothing statistics), and one layer's stats.
+
+    ``format="compressed-tensors"`` quantizes with the format's rounding and writes a
+    compressed-tensors int-quantized checkpoint (:mod:`minisq.io.compressed_tensors`): the
+    layers are written to ``.<dst>.minisq-run`` beside it first (and resumed from there), then
+    converted, holding the int8 model in memory once.
     """
     from .io.loading import load
 
     if preset is None:
         raise ConfigError("quantize_checkpoint needs a preset (naive, O1, O2, O3 or a baseline)")
+    if format not in ("minisq", "compressed-tensors"):
+        raise ConfigError(f"format={format!r} is not one of ('minisq', 'compressed-tensors')")
+    convention = "compressed-tensors" if format == "compressed-tensors" else "smoothquant"
     spec = quant_spec(preset, path=path, skip=DEFAULT_SKIP if skip is None else skip, attn_bmm=attn_bmm,
-                      threshold=threshold, group_size=group_size, kv_cache=kv_cache)
+                      threshold=threshold, group_size=group_size, kv_cache=kv_cache, convention=convention)
     model = load(src, lazy=True)
+    if format == "compressed-tensors":      # refuse what the format cannot express before any work
+        from .io.compressed_tensors import CHECKPOINT_PREFIX
+        if (spec.attn_bmm is not False or spec.kv_cache != "float" or spec.threshold is not None
+                or spec.group_size is not None or spec.acts in ("float", "per_channel") or spec.path != "int"
+                or model.config.model_type not in CHECKPOINT_PREFIX):
+            raise ConfigError(f"compressed-tensors holds W8A8 {sorted(CHECKPOINT_PREFIX)} models on the integer path, "
+                              f"without attention-BMM quantization, an int8 KV cache or the baselines' schemes "
+                              f"(this is {model.config.model_type}, preset {preset!r}, attn_bmm={attn_bmm!r})")
     groups = resolve_groups(model.config, groups)
     seqs = as_sequences(model, calib)
-    dst = Path(dst)
+    final, dst = Path(dst), Path(dst)
+    if format == "compressed-tensors":
+        dst = final.with_name(f".{final.name}.minisq-run")
     key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=bool(smooth), groups=list(groups),
                quantization=spec.info(), calib=_calib_digest(seqs), layers=model.config.num_layers)
     done = _prepare_dst(dst, key, resume)
@@ -112,7 +131,11 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     run.finish(src)
     _write_json(dst / RUN_FILE, {"key": key, "layers_done": model.config.num_layers, "finished": True})
     run.clean_up()
-    return dst
+    if format == "compressed-tensors":
+        from .io.compressed_tensors import save_compressed_tensors
+        save_compressed_tensors(load(dst), final)
+        shutil.rmtree(dst)
+    return final
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from .io.storage import materialize
 from .tree import _map
 from .attnquant import AttentionQuant, attention_quant, qkv_scales, static_qkv_scales  # noqa: F401
 from .quant import (
-    dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
+    CONVENTIONS, dequantize, dynamic_scale, quantize_per_channel, quantize_per_input_channel, quantize_per_sequence,
     quantize_per_tensor, quantize_per_token,
 )
 
@@ -99,6 +99,7 @@ class W8A8Linear(Int8WeightShape):
     only (:func:`quantize_linear` refuses it on the integer path). On the GPU the weight is
     packed once in cuBLAS's layout (``w_packed``, a :class:`~minisq.gemm.TNWeight`) and
     ``w_q`` is a ``[C_in, C_out]`` view of it: one int8 copy, never transposed per call.
+    ``convention`` is the activations' rounding rule (:data:`minisq.quant.CONVENTIONS`).
     """
 
     w_q: object
@@ -107,6 +108,7 @@ class W8A8Linear(Int8WeightShape):
     acts: str = "per_token"
     x_scale: object = None
     path: str = "int"
+    convention: str = "smoothquant"
     w_packed: object = dataclasses.field(default=None, repr=False)  # set by __post_init__
 
     def __post_init__(self):
@@ -134,12 +136,12 @@ class W8A8Linear(Int8WeightShape):
         """
         # [..., T, C_in] float -> [..., T, C_in] int8, scale broadcastable to [..., T, 1] ([..., 1, C_in])
         if self.acts == "per_token":
-            return quantize_per_token(x)
+            return quantize_per_token(x, convention=self.convention)
         if self.acts == "per_tensor":
-            return quantize_per_sequence(x, mask)
+            return quantize_per_sequence(x, mask, self.convention)
         if self.acts == "per_channel":
             return quantize_per_input_channel(x, mask)
-        return quantize_per_tensor(x, self.x_scale)
+        return quantize_per_tensor(x, self.x_scale, self.convention)
 
     def __call__(self, x, mask=None):
         # [..., T, C_in] float, [..., T] 0/1 or None -> [..., T, C_out] float (same dtype as x)
@@ -165,14 +167,16 @@ class W8A8Linear(Int8WeightShape):
 
 def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per_token",
                     x_absmax=None, path: str = "int", threshold: float | None = None,
-                    group_size: int | None = None):
+                    group_size: int | None = None, convention: str = "smoothquant"):
     """A quantized leaf from a float leaf: a :class:`W8A8Linear`, or one of the paper's
     baselines (:mod:`minisq.baselines`), chosen by the table :data:`LEAF_KINDS`.
     ``x_absmax`` is the calibrated max |x| of the leaf's input, needed for ``acts="static"``
     (scale = max|x| / 127); ``threshold`` makes an LLM.int8() leaf; ``group_size`` goes
-    with ``weights="per_group"`` (ZeroQuant)."""
+    with ``weights="per_group"`` (ZeroQuant); ``convention`` the rounding rule of a W8A8 leaf."""
     _check_options(weights, acts, path, threshold, group_size)
     kind = leaf_kind(weights, acts, threshold)
+    if kind != "w8a8" and convention != "smoothquant":
+        raise ConfigError(f"convention={convention!r} is for W8A8 leaves; the {kind} baseline rounds as SmoothQuant")
     if kind == "w8a16":
         w_q, w_scale = (quantize_per_channel if weights == "per_channel" else quantize_per_tensor)(leaf.w)
         return W8A16Linear(w_q, w_scale, leaf.b, path=path)
@@ -184,7 +188,7 @@ def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per
         w_q, w_scale = quantize_per_channel(leaf.w)
         return LLMInt8Linear(w_q, w_scale, leaf.b, threshold=float(threshold), path=path)
     quantize_w = quantize_per_channel if weights == "per_channel" else quantize_per_tensor
-    w_q, w_scale = quantize_w(leaf.w)
+    w_q, w_scale = quantize_w(leaf.w, convention=convention)
     x_scale = None
     if acts == "static":
         if x_absmax is None:
@@ -195,8 +199,8 @@ def quantize_linear(leaf: Linear, weights: str = "per_channel", acts: str = "per
             raise CalibrationError(f"calibrated input range {x_absmax} is not a finite number >= 0; recalibrate")
         xp = get_array_module(leaf.w)
         # Δ = max|x| / 127 in the layer's dtype, with the quantizers' zero-range guard (Δ = 1)
-        x_scale = dynamic_scale(xp, xp.asarray(x_absmax, dtype=leaf.w.dtype))
-    return W8A8Linear(w_q, w_scale, leaf.b, acts=acts, x_scale=x_scale, path=path)
+        x_scale = dynamic_scale(xp, xp.asarray(x_absmax, dtype=leaf.w.dtype), convention)
+    return W8A8Linear(w_q, w_scale, leaf.b, acts=acts, x_scale=x_scale, path=path, convention=convention)
 
 
 def _check_choice(name: str, value: str, options: tuple) -> None:
@@ -270,6 +274,7 @@ class QuantSpec:
     threshold: float | None = None
     group_size: int | None = None
     kv_cache: str = "float"
+    convention: str = "smoothquant"
 
     def skips(self, name: str) -> bool:
         """True for a leaf that stays float (its dotted name matches a ``skip`` pattern)."""
@@ -284,12 +289,14 @@ class QuantSpec:
                                            group_size=self.group_size).items() if v is not None})
         if self.kv_cache != "float":
             info["kv_cache"] = self.kv_cache
+        if self.convention != "smoothquant":
+            info["convention"] = self.convention
         return info
 
 
 def quant_spec(preset: str | None = None, weights: str = "per_channel", acts: str = "per_token", path: str = "int",
                skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None, group_size: int | None = None,
-               kv_cache: str = "float") -> QuantSpec:
+               kv_cache: str = "float", convention: str = "smoothquant") -> QuantSpec:
     """The :class:`QuantSpec` of :func:`quantize`'s options (a preset sets ``weights``,
     ``acts`` and the baselines' defaults), or a ConfigError naming the option that does not fit."""
     if preset is not None:
@@ -305,6 +312,9 @@ def quant_spec(preset: str | None = None, weights: str = "per_channel", acts: st
             threshold = cfg.get("threshold")
     _check_options(weights, acts, path, threshold, group_size)
     _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
+    _check_choice("convention", convention, tuple(CONVENTIONS))
+    if convention != "smoothquant" and attn_bmm is not False:
+        raise ConfigError("attn_bmm quantizes attention by SmoothQuant's rule only; use convention='smoothquant'")
     if kv_cache != "float" and attn_bmm is not False:
         raise ConfigError("kv_cache='int8' is for float attention: with attn_bmm the cache already holds the "
                           "int8 codes of k and v with their activation scales")
@@ -318,7 +328,8 @@ def quant_spec(preset: str | None = None, weights: str = "per_channel", acts: st
                           "and calibration stats")
     if isinstance(skip, str):
         skip = (skip,)
-    return QuantSpec(preset or "custom", weights, acts, path, tuple(skip), attn_bmm, threshold, group_size, kv_cache)
+    return QuantSpec(preset or "custom", weights, acts, path, tuple(skip), attn_bmm, threshold, group_size, kv_cache,
+                     convention)
 
 
 def quantize_leaves(tree, spec: QuantSpec, stats=None, dtype=np.float32, prefix: str = ""):
@@ -342,14 +353,14 @@ def quantize_leaves(tree, spec: QuantSpec, stats=None, dtype=np.float32, prefix:
         if spec.group_size is not None:
             check_group_size(spec.group_size, leaf.w.shape[0], name)
         return quantize_linear(materialize(leaf, dtype), spec.weights, spec.acts, x_absmax, spec.path,
-                               spec.threshold, spec.group_size)
+                               spec.threshold, spec.group_size, spec.convention)
 
     return _map(tree, swap, f"{prefix}." if prefix else "")
 
 
 def quantize(model, preset: str | None = None, weights: str = "per_channel", acts: str = "per_token",
              stats=None, path: str = "int", skip=DEFAULT_SKIP, attn_bmm=False, threshold: float | None = None,
-             group_size: int | None = None, kv_cache: str = "float"):
+             group_size: int | None = None, kv_cache: str = "float", convention: str = "smoothquant"):
     """A new quantized model: every float linear leaf (except ``skip``) becomes a W8A8 leaf
     (or a baseline's leaf, :mod:`minisq.baselines`).
 
@@ -369,8 +380,10 @@ def quantize(model, preset: str | None = None, weights: str = "per_channel", act
     and keeps the softmax probabilities P in float; ``"static"`` is the official int8 OPT
     model's scheme (needs ``acts="static"``, i.e. O3): static q/k/v scales and P as int8 at
     1/127. The input model is untouched. The leaves are quantized by :func:`quantize_leaves`.
+    ``convention`` is the W8A8 leaves' rounding rule (:data:`minisq.quant.CONVENTIONS`:
+    "smoothquant" or "compressed-tensors").
     """
-    spec = quant_spec(preset, weights, acts, path, skip, attn_bmm, threshold, group_size, kv_cache)
+    spec = quant_spec(preset, weights, acts, path, skip, attn_bmm, threshold, group_size, kv_cache, convention)
     if model.info.get("quantization"):
         raise ConfigError("this model is already quantized; quantize the float (or smoothed) model instead")
     if model.dtype not in (np.float32, np.float64):

@@ -31,9 +31,19 @@ Conventions here, the same for every function:
 * Inputs must be finite floats: NaN/inf raise :class:`InputError`, integer arrays raise
   :class:`ShapeError` (they are already quantized, or are token ids). Nothing is modified
   in place.
+
+**Rounding conventions** (:data:`CONVENTIONS`). Everything above is ``convention=
+"smoothquant"``, the default: the paper's and the official code's ``Δ = max|x| / 127`` and
+codes in ±127. ``convention="compressed-tensors"`` is the compressed-tensors format's rule
+(what llm-compressor writes and vLLM and transformers evaluate; its ``calculate_qparams`` and
+``round_to_quantized_type_args``): ``Δ = max|x| / 127.5`` (255 / 2) and codes clipped to
+[-128, 127]. Both round half to even; for an all-zero group compressed-tensors uses Δ = eps
+where the guard here uses 1 (every code is 0 either way).
 """
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 
@@ -42,6 +52,19 @@ from .kernels import cuda
 from .errors import ConfigError, DeviceError, InputError, ShapeError
 
 QMAX = 127  # 2^(8-1) - 1: the symmetric int8 range is [-QMAX, QMAX]
+
+
+Convention = collections.namedtuple("Convention", "divisor qmin qmax")   # Δ = max|x| / divisor, clip to [qmin, qmax]
+CONVENTIONS = {
+    "smoothquant": Convention(127.0, -127, 127),          # the paper (Eq. 1) and the official code: the default
+    "compressed-tensors": Convention(127.5, -128, 127),   # compressed-tensors' int8: 255 / 2, the full range
+}
+
+
+def convention_of(name: str) -> Convention:
+    if name not in CONVENTIONS:
+        raise ConfigError(f"convention={name!r} is not one of {tuple(CONVENTIONS)}")
+    return CONVENTIONS[name]
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,8 +129,9 @@ def _static_scale(xp, scale, dtype, shape: tuple, also: tuple = ()):
     return s
 
 
-def dynamic_scale(xp, absmax):
-    """max|x| / 127 with the zero-range guard: 1 where that would be 0 or subnormal.
+def dynamic_scale(xp, absmax, convention: str = "smoothquant"):
+    """max|x| / 127 (``convention="compressed-tensors"``: / 127.5) with the zero-range
+    guard: 1 where that would be 0 or subnormal.
 
     The official SmoothQuant code guards differently: it clamps max|x| at 1e-5 before
     dividing by 127, so a tensor whose range is below 1e-5 gets Δ = 1e-5/127 there and
@@ -115,7 +139,7 @@ def dynamic_scale(xp, absmax):
     ≥ 1e-5, which is all real activations and weights.
     """
     # [...] float -> [...] float (same dtype)
-    s = absmax / QMAX
+    s = absmax / convention_of(convention).divisor   # a Python float: keeps absmax's dtype
     return xp.where(s < xp.finfo(s.dtype).tiny, xp.ones_like(s), s)
 
 
@@ -134,19 +158,23 @@ def _absmax_checked(xp, x, name: str = "x", axis=None):
     return m
 
 
-def _quantize(xp, x, scale, dynamic: bool = False):
-    """q = clip(rint(x / scale), -127, 127) as int8; scale broadcasts against x.
+def _quantize(xp, x, scale, dynamic: bool = False, convention: str = "smoothquant"):
+    """q = clip(rint(x / scale), -127, 127) as int8 ([-128, 127] for
+    ``convention="compressed-tensors"``); scale broadcasts against x.
 
     ``dynamic=True`` (the scale is this very group's ``dynamic_scale``) skips the clip,
     which cannot change anything then: s = fl(max|x| / 127) >= (max|x| / 127)(1 - u), so
     |x / s| <= 127 (1 + u) / (1 - u) < 127.5 and rint gives at most 127; where the zero-range
     guard set s = 1, |x| < 127 · tiny and rint gives 0. (Tested against the clipped form.)
+    Under compressed-tensors' Δ = max|x| / 127.5 the largest |x / Δ| is 127.5, which rounds
+    to ±128: there the clip is always applied.
     """
     # [...] float, broadcastable float -> [...] int8
+    rule = convention_of(convention)
     t = x / scale                 # one fresh temporary, rounded (and clipped) in place
     xp.rint(t, out=t)             # round half to even
-    if not dynamic:
-        xp.clip(t, -QMAX, QMAX, out=t)
+    if not dynamic or rule.divisor != QMAX:
+        xp.clip(t, rule.qmin, rule.qmax, out=t)
     return t.astype(xp.int8)
 
 
@@ -154,7 +182,7 @@ def _quantize(xp, x, scale, dynamic: bool = False):
 # the three granularities (paper Sec. 2, Fig. 3)
 
 
-def quantize_per_tensor(x, scale=None):
+def quantize_per_tensor(x, scale=None, convention: str = "smoothquant"):
     """One scale for the whole tensor: ``Δ = max|x| / 127``, ``q = clip(round(x / Δ))``.
 
     Paper Sec. 2 (Eq. 1), "per-tensor" in Fig. 3. SmoothQuant's O1–O3 settings quantize
@@ -166,14 +194,14 @@ def quantize_per_tensor(x, scale=None):
     if x.size == 0:
         raise ShapeError(f"x has shape {x.shape} and no elements: there is no max|x| to scale by")
     if scale is None:
-        s = dynamic_scale(xp, _absmax_checked(xp, x).reshape(()))
+        s = dynamic_scale(xp, _absmax_checked(xp, x).reshape(()), convention)
     else:
         _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, (), also=((1,), (1, 1)))
-    return _quantize(xp, x, s, dynamic=scale is None), xp.asarray(s)
+    return _quantize(xp, x, s, scale is None, convention), xp.asarray(s)
 
 
-def quantize_per_token(x, scale=None):
+def quantize_per_token(x, scale=None, convention: str = "smoothquant"):
     """One scale per token (row): ``Δ[t] = max_c |x[t, c]| / 127``.
 
     Paper Sec. 2, "per-token" in Fig. 3 (dynamic per-token activation quantization, as in
@@ -182,17 +210,18 @@ def quantize_per_token(x, scale=None):
     ``[..., 1]`` (or ``[...]``) array.
     """
     # [..., C] float -> [..., C] int8, [..., 1] float
-    if scale is None and getattr(x, "dtype", None) in cuda.FUSED_DTYPES and get_array_module(x) is not np:
+    if (scale is None and convention == "smoothquant" and getattr(x, "dtype", None) in cuda.FUSED_DTYPES
+            and get_array_module(x) is not np):
         return _quantize_per_token_fused(x)  # the GPU: the same arithmetic, one fused kernel
     xp, x = _float_input(x)
     if x.ndim == 0 or x.shape[-1] == 0:
         raise ShapeError(f"x has shape {x.shape}: per-token quantization needs a non-empty last axis")
     if scale is None:
-        s = dynamic_scale(xp, _absmax_checked(xp, x, axis=-1))
+        s = dynamic_scale(xp, _absmax_checked(xp, x, axis=-1), convention)
     else:
         _check_finite(xp, x)
         s = _static_scale(xp, scale, x.dtype, x.shape[:-1] + (1,), also=(x.shape[:-1],))
-    return _quantize(xp, x, s, dynamic=scale is None), s
+    return _quantize(xp, x, s, scale is None, convention), s
 
 
 def _quantize_per_token_fused(x):
@@ -208,7 +237,7 @@ def _quantize_per_token_fused(x):
     return q, s
 
 
-def quantize_per_sequence(x, mask=None):
+def quantize_per_sequence(x, mask=None, convention: str = "smoothquant"):
     """Per-tensor dynamic quantization of *each sequence* over its real tokens:
     ``Δ[b] = max_{t real, c} |x[b, t, c]| / 127``.
 
@@ -230,10 +259,10 @@ def quantize_per_sequence(x, mask=None):
             raise ShapeError(f"mask has shape {mask.shape}, expected {x.shape[:-1]} for x {x.shape}")
         token_max = xp.where(mask > 0, token_max, xp.zeros_like(token_max))
     if x.ndim < 3:
-        s = dynamic_scale(xp, xp.asarray(xp.max(token_max)))                       # []
+        s = dynamic_scale(xp, xp.asarray(xp.max(token_max)), convention)                # []
     else:
-        s = dynamic_scale(xp, xp.max(token_max, axis=-1)[..., None, None])        # [..., 1, 1]
-    return _quantize(xp, x, s), s
+        s = dynamic_scale(xp, xp.max(token_max, axis=-1)[..., None, None], convention)  # [..., 1, 1]
+    return _quantize(xp, x, s, convention=convention), s
 
 
 def quantize_per_input_channel(x, mask=None):
@@ -263,7 +292,7 @@ def quantize_per_input_channel(x, mask=None):
     return _quantize(xp, x, s), s
 
 
-def quantize_per_channel(w, scale=None):
+def quantize_per_channel(w, scale=None, convention: str = "smoothquant"):
     """One scale per output channel of a ``[C_in, C_out]`` weight: ``Δ[j] = max_k |w[k, j]| / 127``.
 
     Paper Sec. 2, "per-channel" in Fig. 3: the weight's output channels are its columns here
@@ -279,11 +308,11 @@ def quantize_per_channel(w, scale=None):
             f"[C_in, C_out] (stored so that y = x @ w)"
         )
     if scale is None:
-        s = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=0))
+        s = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=0), convention)
     else:
         _check_finite(xp, w, "w")
         s = _static_scale(xp, scale, w.dtype, (1, w.shape[1]), also=((w.shape[1],),))
-    return _quantize(xp, w, s, dynamic=scale is None), s
+    return _quantize(xp, w, s, scale is None, convention), s
 
 
 def dequantize(q, scale, dtype=None):

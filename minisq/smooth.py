@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from .backend import get_array_module, to_numpy
+from .conventions import activation_range, llmcompressor_factors, llmcompressor_groups
 from .errors import CalibrationError, ConfigError
 from .families import FAMILIES, family_for
 from .families.base import Mapping  # noqa: F401  (the row type, public here)
@@ -116,15 +117,21 @@ def weight_absmax(params, targets) -> np.ndarray:
     return np.max(np.stack(maxima), axis=0)
 
 
-def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
+def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS, convention: str = "smoothquant"):
     """A new, smoothed model that computes the same function as ``model``.
 
     ``stats`` come from :func:`minisq.calibrate` on ``model``. ``alpha`` is one float, or a
     dict ``{source name: α}`` (e.g. from :func:`minisq.search_alpha`) with a default under
     ``"*"``. ``groups`` picks rows of :data:`SMOOTHING_TABLE` (:func:`resolve_groups`:
     ``"default"``, ``"all"``, or names). Each layer is smoothed by :func:`smooth_layer`.
+    ``convention="llm-compressor"`` computes the factors by llm-compressor's definitions and,
+    with the default ``groups``, smooths its mappings (:mod:`minisq.conventions`).
     The factors used are kept in ``model.info["smoothing"]["factors"]``.
     """
+    if convention not in FACTORS:
+        raise ConfigError(f"convention={convention!r} is not one of {tuple(FACTORS)}")
+    if convention == "llm-compressor" and groups == DEFAULT_GROUPS:
+        groups = llmcompressor_groups(model.config)
     if model.info.get("quantization"):
         raise ConfigError("smooth the float model, then quantize it (this model is already quantized)")
     if model.lazy:
@@ -138,10 +145,12 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     params, factors = model.params, {}
     for i in range(model.config.num_layers):
         prefix = model.family.LAYER_PREFIX.format(i=i)
-        layer, layer_factors = smooth_layer(model.config, i, get_param(params, prefix), stats, alpha, rows)
+        layer, layer_factors = smooth_layer(model.config, i, get_param(params, prefix), stats, alpha, rows,
+                                            convention)
         params = replace_param(params, prefix, layer)
         factors.update(layer_factors)
-    info = {**smoothing_info(alpha, groups), "factors": factors}
+    info = {**smoothing_info(alpha, groups), "factors": factors,
+            **({"convention": convention} if convention != "smoothquant" else {})}
     return model.evolve(params=params, info={**model.info, "smoothing": info})
 
 
@@ -150,12 +159,13 @@ def smoothing_info(alpha, groups: tuple) -> dict:
     return dict(alpha=alpha if not isinstance(alpha, dict) else dict(alpha), groups=list(groups))
 
 
-def smooth_layer(config, i: int, layer, stats, alpha, rows) -> tuple:
+def smooth_layer(config, i: int, layer, stats, alpha, rows, convention: str = "smoothquant") -> tuple:
     """Decoder layer ``i`` smoothed: ``(new layer parameters, {source name: s [C_in]})``.
 
     ``layer`` is the layer's parameter subtree (names relative to ``LAYER_PREFIX``), ``stats``
     any :class:`~minisq.calibrate.CalibrationStats` that holds this layer's inputs (of the
-    whole model, or of this layer alone), ``rows`` from :func:`smoothing_rows`. The mappings
+    whole model, or of this layer alone), ``rows`` from :func:`smoothing_rows`, ``convention``
+    a key of :data:`FACTORS` (whose factor rule: the paper's, or llm-compressor's). The mappings
     are folded in table order, each computing its factors (Eq. 4, :func:`smoothing_factors`,
     with the grouped-query rule of ``_factors``) from the layer as the rows before it left it.
     The in-memory :func:`smooth` and the streamed :func:`minisq.quantize_checkpoint` both
@@ -170,8 +180,8 @@ def smooth_layer(config, i: int, layer, stats, alpha, rows) -> tuple:
         if m.targets[0] not in stats.channel_absmax:
             raise CalibrationError(f"these stats hold no input ranges of {m.targets[0]!r}: calibrate layer {i} "
                                    "(minisq.calibrate, or minisq.calibrate.calibrate_layer for one layer)")
-        act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(layer, local.targets)  # [C_in] each
-        s = _factors(config, layer, local, act_max, w_max, a)                  # [C_in] float64
+        w_max = weight_absmax(layer, local.targets)                                  # [C_in]
+        s = FACTORS[convention](config, layer, local, stats, m.targets[0], w_max, a)  # [C_in] float64
         factors[m.source] = s
         layer = apply_smoothing(layer, local, s, config.head_dim)
     return layer, factors
@@ -201,6 +211,15 @@ def _factors(config, params, mapping: Mapping, act_max, w_max, alpha: float):
     group = lambda a: np.asarray(to_numpy(a)).reshape(G, rep, D).max(axis=1).reshape(-1)  # noqa: E731
     s = smoothing_factors(group(act_max), group(w_max), alpha)                             # [G*D]
     return np.broadcast_to(s.reshape(G, 1, D), (G, rep, D)).reshape(-1)                   # [H*D]
+
+
+# convention -> (config, layer params, mapping, stats, the first target's full name, w_max, α) -> [C_in] factors
+FACTORS = {
+    "smoothquant": lambda cfg, params, m, stats, name, w_max, a: _factors(cfg, params, m, stats.channel_absmax[name],
+                                                                           w_max, a),
+    "llm-compressor": lambda cfg, params, m, stats, name, w_max, a: llmcompressor_factors(
+        activation_range(stats, name), w_max, a),
+}
 
 
 def apply_smoothing(params, mapping: Mapping, s, head_dim: int | None = None) -> dict:

@@ -37,6 +37,9 @@ def parse_args(argv=None, prog: str = "minisq quantize") -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="which paragraphs are drawn (default 0)")
     ap.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished run in DST")
     add_debug_option(ap)
+    ap.add_argument("--format", default="minisq", choices=["minisq", "compressed-tensors"],
+                    help="what DST holds: minisq's format (default) or a compressed-tensors int-quantized W8A8 "
+                         "checkpoint (vLLM, transformers), quantized with that format's rounding")
     args = ap.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         ap.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -63,7 +66,7 @@ def run(args) -> None:
         f"{'no smoothing' if args.no_smooth else f'alpha {args.alpha}'}, "
         f"{len(calib)} calibration sequences ({sum(len(c) for c in calib)} tokens), layer by layer")
     quantize_checkpoint(args.src, args.dst, calib, preset=args.preset, alpha=args.alpha,
-                        smooth=not args.no_smooth, resume=not args.no_resume)
+                        smooth=not args.no_smooth, resume=not args.no_resume, format=args.format)
     say(f"done: minisq.load({args.dst!r})")
 
 

@@ -16,6 +16,8 @@ several safetensors shards instead, listed under ``"shards"`` in ``minisq.json``
 
 The float weights are not needed to reload a quantized model, and a reloaded model gives
 bit-identical logits. ``minisq.load(folder)`` recognizes such a folder by its minisq.json.
+``model.save(folder, format="compressed-tensors")`` writes the ecosystem's W8A8 format instead
+(:mod:`minisq.io.compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -96,9 +98,20 @@ def _decode(node, tensors: dict, source: str):
     raise CheckpointError(f"{source}: unreadable entry {str(node)[:80]}")
 
 
-def save_model(model, folder) -> Path:
-    """Write ``model`` (float, smoothed or quantized) to ``folder``; returns the folder."""
+# format name -> what model.save(folder, format=...) writes
+SAVE_FORMATS = ("minisq", "compressed-tensors")
+
+
+def save_model(model, folder, format: str = "minisq") -> Path:
+    """Write ``model`` (float, smoothed or quantized) to ``folder``; returns the folder.
+    ``format="compressed-tensors"``: see :mod:`minisq.io.compressed_tensors`."""
     from safetensors.numpy import save_file
+
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"format={format!r} is not one of {SAVE_FORMATS}")
+    if format == "compressed-tensors":
+        from .compressed_tensors import save_compressed_tensors
+        return save_compressed_tensors(model, folder)
 
     if model.device != "cpu":
         model = model.to("cpu")

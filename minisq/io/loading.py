@@ -19,6 +19,7 @@ from ..backend import check_device
 from .checkpoint import bf16_to_float32, decode, float32_to_bf16
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, NonFiniteError
+from .compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from .export import load_saved
 from ..families import params_from_state_dict, read_config  # noqa: F401  (params_from_state_dict: public here)
 from .hub import resolve_model_dir
@@ -45,7 +46,9 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     would read the whole file); a NaN shows up as a ``NonFiniteError`` from the forward pass.
 
     ``dtype`` is the compute dtype (float32 by default; float64 for equivalence checks).
-    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved.
+    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved,
+    and a compressed-tensors int-quantized W8A8 checkpoint as a W8A8 model
+    (:mod:`minisq.io.compressed_tensors`).
     """
     dtype = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
     if dtype not in STORAGE_DTYPES:
@@ -56,6 +59,12 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     folder = resolve_model_dir(name_or_path)
     if (folder / "minisq.json").is_file():
         model = Model(**load_saved(folder))
+        return model.to(device) if device != "cpu" else model
+    if is_compressed_tensors(folder):   # W8A8 from llm-compressor or model.save(format="compressed-tensors")
+        if lazy or dtype not in ("float32", "float64"):
+            raise ConfigError("a compressed-tensors checkpoint loads eagerly in float32 or float64 "
+                              "(its int8 codes are held as they are)")
+        model = Model(**load_compressed_tensors(folder, dtype))
         return model.to(device) if device != "cpu" else model
     config = read_config(folder)
     from .checkpoint import read_state_dict
