@@ -314,7 +314,8 @@ def quant_spec(preset: str | None = None, weights: str = "per_channel", acts: st
     _check_choice("kv_cache", kv_cache, KV_CACHE_MODES)
     _check_choice("convention", convention, tuple(CONVENTIONS))
     if convention != "smoothquant" and attn_bmm is not False:
-        raise ConfigError("attn_bmm quantizes attention by SmoothQuant's rule only; use convention='smoothquant'")
+        raise ConfigError("attn_bmm (attention-BMM quantization) rounds by SmoothQuant's rule only, which compressed-tensors "
+                          "cannot hold: use convention='smoothquant'")
     if kv_cache != "float" and attn_bmm is not False:
         raise ConfigError("kv_cache='int8' is for float attention: with attn_bmm the cache already holds the "
                           "int8 codes of k and v with their activation scales")
