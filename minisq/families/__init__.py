@@ -62,10 +62,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from . import gpt2, llama, opt
+from . import bloom, falcon, gpt2, llama, mixtral, opt
 
 # model_type -> family module
-FAMILIES = {model_type: family for family in (gpt2, opt, llama) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (gpt2, opt, llama, bloom, falcon, mixtral) for model_type in family.MODEL_TYPES}
+
+# Leaf-name patterns that quantize() keeps in float by default, from the families that have
+# them (Mixtral's router), beside the LM head: see minisq.qlinear.DEFAULT_SKIP.
+KEEP_FLOAT = tuple(p for family in dict.fromkeys(FAMILIES.values()) for p in getattr(family, "KEEP_FLOAT", ()))
 
 
 def family_for(model_type: str, source: str = ""):
