@@ -21,11 +21,12 @@ The lm_head is tied to the embedding. The checkpoint's ``nn.Linear`` layers stor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from .. import backend, nn
+from .. import nn
 from ..backend import get_array_module
 from ..config import ModelConfig, read_field, validate
 from ..errors import ConfigError
@@ -157,7 +158,7 @@ def gelu_bloom(x):
 # --- the forward pass, in pieces a layer-outer driver can call ----------------------------------
 
 def embed(model, ids, positions, m):
-    # [B, T] ids -> [B, T] C: the token embedding, then its LayerNorm (no positions: ALiBi)
+    # [B, T] ids -> [B, T, C]: the token embedding, then its LayerNorm (no positions: ALiBi)
     p, eps = model.params, model.config.layer_norm_eps
     return nn.layer_norm(p["word_embeddings"][ids], **p["word_embeddings_layernorm"], eps=eps)
 
@@ -252,8 +253,6 @@ SPECIAL_TOKENS = SpecialTokens(bos="<s>", eos="</s>", pad="<pad>", add_bos=False
 
 def synthetic_config(cfg: ModelConfig) -> ModelConfig:
     """A BLOOM-shaped synthetic config: F = 4C, ALiBi, tied embeddings."""
-    import dataclasses
-
     return dataclasses.replace(cfg, ffn_dim=4 * cfg.hidden_size, activation="gelu_bloom", alibi=True,
                                tie_word_embeddings=True)
 

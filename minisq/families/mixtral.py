@@ -171,7 +171,7 @@ def moe(block_params: dict, k: int, h, m):
     """
     # [B, T, C], [B, T] -> [B, T, C]
     xp = get_array_module(h)
-    B, T, C = h.shape
+    B, _, C = h.shape
     weights, chosen = route(block_params["gate"](h, m), k)                       # [B, T, k] each
     out = xp.zeros_like(h)
     for e, expert in enumerate(block_params["experts"]):
