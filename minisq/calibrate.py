@@ -55,7 +55,15 @@ class CalibrationStats:
     output_channel_absmax: dict = dataclasses.field(default_factory=dict)   # name -> [C_out] float64
 
     def input_absmax_of(self, name: str) -> float:
+        self.check_observed(name)
         return self.input_absmax[name]
+
+    def check_observed(self, name: str) -> None:
+        """CalibrationError when no calibration token reached leaf ``name`` (an expert of a
+        mixture of experts that no token was routed to)."""
+        if name not in self.channel_absmax:
+            raise CalibrationError(f"no calibration token reached {name!r} (an expert no token was routed to?): "
+                                   "calibrate on more text")
 
     def qkv_absmax(self, model, layer: int) -> tuple:
         """Calibrated ``(max|q|, max|k|, max|v|)`` of layer ``layer``'s q, k, v projection

@@ -250,9 +250,8 @@ def _check_options(weights, acts, path, threshold, group_size) -> None:
 
 ATTN_BMM_MODES = (False, True, "static")
 
-# Leaves the official SmoothQuant code keeps in float: it quantizes decoder-layer linears
-# only, so the LM head and OPT's embedding projections (opt-350m's project_in/out) stay float;
-# plus the families' KEEP_FLOAT (Mixtral's router).
+# Leaves kept in float: the official code quantizes decoder-layer linears only, so the LM head and
+# opt-350m's project_in/out stay float; so do the families' KEEP_FLOAT (Mixtral's router).
 DEFAULT_SKIP = ("lm_head", "project_in", "project_out") + KEEP_FLOAT
 
 

@@ -112,6 +112,7 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS):
     factors = {}
     for m in mappings_for(model.config, groups):
         a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
+        stats.check_observed(m.targets[0])
         act_max, w_max = stats.channel_absmax[m.targets[0]], weight_absmax(params, m.targets)
         s = _factors(model.config, params, m, act_max, w_max, a)
         factors[m.source] = s

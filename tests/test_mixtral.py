@@ -254,6 +254,18 @@ def test_a_missing_expert_is_a_clear_error(checkpoints, tmp_path):
         minisq.load(folder)
 
 
+def test_an_expert_no_calibration_token_reached_is_a_clear_error():
+    cfg = minisq.ModelConfig(model_type="mixtral", vocab_size=fc.V, hidden_size=32, num_layers=1, num_heads=4,
+                             num_kv_heads=2, ffn_dim=48, max_positions=64, num_experts=8)
+    model = minisq.synthetic_model(cfg, seed=1)
+    stats = minisq.calibrate(model, [np.arange(1)], progress=False)          # one token: 2 of 8 experts
+    with pytest.raises(minisq.CalibrationError, match="no calibration token reached 'layers.0.block_sparse"):
+        minisq.quantize(model, "O3", stats=stats)
+    with pytest.raises(minisq.CalibrationError, match="no calibration token reached"):
+        minisq.smooth(model, stats, groups="all")
+    minisq.smooth(model, stats)             # the official rows take s from the router, which sees every token
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and num_local_experts=4"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "RoPE type 'yarn'"),
