@@ -313,12 +313,12 @@ SPECIAL_TOKENS = SpecialTokens(bos="<|endoftext|>", eos="<|endoftext|>", pad=Non
 # --- the synthetic-outlier recipe (see minisq.synthetic) ---------------------------------------------
 
 def synthetic_config(cfg: ModelConfig) -> ModelConfig:
-    """A Falcon-shaped synthetic config: default RoPE when none is given, tied embeddings,
-    no biases, the 7B layout unless the config says otherwise."""
-    parallel = cfg.parallel_attn or cfg.new_decoder_architecture or cfg.model_type == "RefinedWebModel"
+    """A Falcon-shaped synthetic config: default RoPE when none is given, tied embeddings, no
+    biases, the layout the config states (``parallel_attn`` and ``num_kv_heads=1``: 7B;
+    ``new_decoder_architecture``: 40B; neither: sequential)."""
     return dataclasses.replace(cfg, rope=cfg.rope or {"rope_type": "default", "rope_theta": 10000.0},
-                               activation="gelu", tie_word_embeddings=True, parallel_attn=parallel,
-                               enable_bias=False)
+                               activation="gelu", tie_word_embeddings=True, enable_bias=False,
+                               parallel_attn=cfg.parallel_attn or cfg.new_decoder_architecture)
 
 
 def synthetic_state_dict(cfg: ModelConfig, normal, gain, bias, final_gain) -> dict:

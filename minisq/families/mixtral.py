@@ -267,9 +267,12 @@ DEFAULT_GROUPS = POLICIES["official"]
 def foldable(config, chosen: list) -> list:
     """The chosen rows with "*" written out for every expert, after :func:`check_moe_rows`."""
     E = config.num_experts
+
+    def every(name):   # "...experts.*.w1" -> one name per expert
+        return [name.replace("*", str(e)) for e in range(E)] if "*" in name else [name]
+
     out = []
     for m in chosen:
-        every = lambda name: [name.replace("*", str(e)) for e in range(E)] if "*" in name else [name]  # noqa: E731
         if "*" in m.source:
             out += [dataclasses.replace(m, source=m.source.replace("*", str(e)),
                                         targets=tuple(t.replace("*", str(e)) for t in m.targets)) for e in range(E)]
