@@ -62,10 +62,16 @@ class CalibrationStats:
 
     def input_absmax_of(self, name: str) -> float:
         """max |x| over the calibration tokens of leaf ``name``'s input."""
-        if name not in self.input_absmax:
-            raise CalibrationError(f"these stats hold no input range of {name!r}: calibrate the model (or this "
-                                   "layer) that holds it")
+        self.check_observed(name)
         return self.input_absmax[name]
+
+    def check_observed(self, name: str) -> None:
+        """CalibrationError when no calibration token reached leaf ``name`` (an expert of a
+        mixture of experts that no token was routed to)."""
+        if name not in self.channel_absmax:
+            raise CalibrationError(f"these stats hold no input range of {name!r}: no calibration token reached it "
+                                   "(an expert no token was routed to? calibrate on more text), or they were taken "
+                                   "on another model or layer (calibrate the one that holds it)")
 
     def qkv_absmax(self, model, layer: int) -> tuple:
         """Calibrated ``(max|q|, max|k|, max|v|)`` of layer ``layer``'s q, k, v projection

@@ -59,6 +59,12 @@ class ModelConfig:
     mlp_bias: bool = False                          # gate, up, down have biases
     sliding_window: int | None = None               # Mistral: a query sees at most this many keys
     tie_word_embeddings: bool = True                # lm_head is the token embedding (else read from the file)
+    # BLOOM / Falcon / Mixtral switches
+    alibi: bool = False                             # ALiBi: a per-head linear bias on key distance, no positions
+    parallel_attn: bool = False                     # Falcon: attention and MLP read the same input, summed
+    new_decoder_architecture: bool = False          # Falcon-40B/180B: ln_attn + ln_mlp, grouped kv heads
+    num_experts: int | None = None                  # Mixtral: experts per MoE block (None: a dense MLP)
+    experts_per_token: int | None = None            # Mixtral: top-k experts each token is routed to
     # tokens
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None           # a list when several tokens end text (Llama 3)

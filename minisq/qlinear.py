@@ -64,6 +64,7 @@ import numpy as np
 from .backend import get_array_module, is_gpu_array, to_numpy
 from .baselines import BASELINES, GroupW8A8Linear, LLMInt8Linear, W8A16Linear, check_group_size, quantize_per_group
 from .errors import CalibrationError, ConfigError, ShapeError
+from .families import KEEP_FLOAT
 from .gemm import int8_linear, pack_weight_tn
 from .nn import Int8WeightShape, Linear
 from .io.storage import materialize
@@ -255,9 +256,9 @@ def _check_options(weights, acts, path, threshold, group_size) -> None:
 
 ATTN_BMM_MODES = (False, True, "static")
 
-# Leaves the official SmoothQuant code keeps in float: it quantizes decoder-layer linears
-# only, so the LM head and OPT's embedding projections (opt-350m's project_in/out) stay float.
-DEFAULT_SKIP = ("lm_head", "project_in", "project_out")
+# Leaves kept in float: the official code quantizes decoder-layer linears only, so the LM head and
+# opt-350m's project_in/out stay float; so do the families' KEEP_FLOAT (Mixtral's router).
+DEFAULT_SKIP = ("lm_head", "project_in", "project_out") + KEEP_FLOAT
 
 
 @dataclasses.dataclass(frozen=True)

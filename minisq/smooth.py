@@ -177,9 +177,7 @@ def smooth_layer(config, i: int, layer, stats, alpha, rows, convention: str = "s
         m = layer_mapping(row, i)
         local = _relative(m, prefix)                      # names inside the layer's subtree
         a = alpha.get(m.source, alpha.get("*", 0.5)) if isinstance(alpha, dict) else alpha
-        if m.targets[0] not in stats.channel_absmax:
-            raise CalibrationError(f"these stats hold no input ranges of {m.targets[0]!r}: calibrate layer {i} "
-                                   "(minisq.calibrate, or minisq.calibrate.calibrate_layer for one layer)")
+        stats.check_observed(m.targets[0])                                       # e.g. an expert no token reached
         w_max = weight_absmax(layer, local.targets)                                  # [C_in]
         s = FACTORS[convention](config, layer, local, stats, m.targets[0], w_max, a)  # [C_in] float64
         factors[m.source] = s

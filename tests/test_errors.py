@@ -108,7 +108,7 @@ def test_non_finite_weights(tmp_path, make_checkpoint):
 # --- unsupported -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(model_type="bloom"), "model_type 'bloom' is not supported"),
+    (dict(model_type="gptj"), "model_type 'gptj' is not supported"),
     (dict(activation_function="gelu"), "activation_function 'gelu' is not supported"),
     (dict(add_cross_attention=True), "add_cross_attention"),
     (dict(n_head=5), "not divisible by the number of heads 5"),

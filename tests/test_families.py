@@ -57,8 +57,8 @@ def test_generic_code_never_branches_on_model_type():
 
 def test_registry_and_unknown_model_type():
     assert family_for("gpt2") is FAMILIES["gpt2"] and family_for("opt") is FAMILIES["opt"]
-    with pytest.raises(minisq.ConfigError, match="model_type 'bloom' is not supported"):
-        family_for("bloom")
+    with pytest.raises(minisq.ConfigError, match="model_type 'gptj' is not supported"):
+        family_for("gptj")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])

@@ -474,7 +474,7 @@ def test_model_loads_its_tokenizer_and_reloads_it(tmp_path):
 # --- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(model_type="bloom"), "model_type 'bloom' is not supported"),
+    (dict(model_type="gptj"), "model_type 'gptj' is not supported"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "RoPE type 'yarn' is not supported"),
     (dict(rope_scaling={"type": "foo"}), "RoPE type 'foo'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs 'low_freq_factor'"),

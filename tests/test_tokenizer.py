@@ -263,8 +263,8 @@ def test_missing_files_name_the_folder_and_files(tmp_path):
 
 
 def test_unknown_model_type(tmp_path):
-    with pytest.raises(ConfigError, match="bloom"):
-        load_tokenizer(tmp_path, "bloom")
+    with pytest.raises(ConfigError, match="gptj"):
+        load_tokenizer(tmp_path, "gptj")
 
 
 def test_corrupt_tokenizer_json(tmp_path):

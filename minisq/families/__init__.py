@@ -3,7 +3,8 @@
 Everything minisq knows about an architecture lives in its family's file, and the generic
 code (loading, the forward driver in :mod:`minisq.model`, calibration, smoothing,
 quantization, evaluation, export, the synthetic model) asks the family instead of branching
-on ``model_type``. Adding a family is one new file plus its tests; read ``gpt2.py`` first.
+on ``model_type``. Adding a family is one new file plus its tests; read ``gpt2.py`` first,
+then ``docs/adding-a-family.md`` (shown on BLOOM; Falcon and Mixtral for the harder cases).
 
 A family module provides (legend: B batch, T new tokens, S past + new tokens, C hidden, V vocab):
 
@@ -19,9 +20,10 @@ The forward pass, in pieces a layer-outer (streamed) driver can call one at a ti
 
 ``embed(model, ids, positions, mask) -> x [B, T, C]``
     ``ids``/``positions``/``mask`` ``[B, T]``; ``mask`` marks real tokens (1) and padding (0).
-``attention_bias(config, mask, T, dtype) -> bias [B, 1, T, S]``
+``attention_bias(config, mask, T, dtype) -> bias [B, 1, T, S] or [B, H, T, S]``
     the additive attention mask from the ``[B, S]`` real-token mask of all S tokens (causal
-    and padding; Mistral also its sliding window), computed once and given to every block.
+    and padding; Mistral also its sliding window; BLOOM's ALiBi per head), computed once and
+    given to every block.
 ``layers(params) -> list``
     the per-layer parameter dicts; ``LAYER_PREFIX.format(i=i)`` is layer i's dotted name
     (``h.{i}``, ``layers.{i}``), the prefix of every tensor and leaf in it.
@@ -39,7 +41,8 @@ Smoothing, calibration, tokenizer and synthetic model:
 ``SMOOTHING``, ``NOT_FOLDABLE``, ``DEFAULT_GROUPS``, ``foldable(config, chosen)``, ``default_groups(config)``
     its rows of the smoothing table (:class:`~minisq.families.base.Mapping`, each with its
     reason), the places that look smoothable but are not (and why), and which rows a given
-    config can use.
+    config can use (Falcon: its layout's rows; Mixtral: "*" written out for every expert, and
+    a row that scales the router apart from its experts refused).
 ``QKV_OUTPUTS``, ``attention_input_absmax(config, which, channel_absmax)``
     ``(leaf, part, parts)`` for q, k, v: the output of ``leaf`` cut into ``parts`` equal
     pieces along C_out, piece ``part``; and the static range of attention's q/k/v input from
@@ -48,6 +51,8 @@ Smoothing, calibration, tokenizer and synthetic model:
     the :class:`~minisq.families.base.SpecialTokens` defaults of its tokenizer files.
 ``synthetic_config(config)``, ``synthetic_state_dict(config, normal, gain, bias, final_gain)``
     its synthetic-outlier recipe (see :mod:`minisq.synthetic`).
+``KEEP_FLOAT`` (optional)
+    leaf-name patterns :func:`minisq.quantize` keeps in float by default (Mixtral's router).
 
 Nothing here is model-specific except through the modules themselves; hub downloads
 (:mod:`minisq.io.hub`) happen before the config is read and need no family.
@@ -62,10 +67,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from . import gpt2, llama, opt
+from . import bloom, falcon, gpt2, llama, mixtral, opt
 
 # model_type -> family module
-FAMILIES = {model_type: family for family in (gpt2, opt, llama) for model_type in family.MODEL_TYPES}
+FAMILIES = {model_type: family for family in (gpt2, opt, llama, bloom, falcon, mixtral) for model_type in family.MODEL_TYPES}
+
+# Leaf-name patterns that quantize() keeps in float by default, from the families that have
+# them (Mixtral's router), beside the LM head: see minisq.qlinear.DEFAULT_SKIP.
+KEEP_FLOAT = tuple(p for family in dict.fromkeys(FAMILIES.values()) for p in getattr(family, "KEEP_FLOAT", ()))
 
 
 def family_for(model_type: str, source: str = ""):

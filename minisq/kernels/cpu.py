@@ -143,7 +143,7 @@ def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 128):
     small products on one BLAS thread; the result is the same bit for bit as one core doing
     every head.
 
-    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1, T, S] -> [B, H, T, D]
+    # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1 or H, T, S] -> [B, H, T, D]
     """
     xp = get_array_module(q)
     B, H, T, _ = q.shape
@@ -158,9 +158,10 @@ def attention_causal_blocked(q, k, v, bias, scale: float, block: int = 128):
     def heads(h):
         # the heads h[0] <= j < h[1] of every sequence, all query blocks -> out[:, h0:h1]
         h0, h1 = h
+        b = bias if bias.shape[1] == 1 else bias[:, h0:h1]     # one bias for all heads, or one per head (ALiBi)
         for t0, t1, seen, from_key in blocks:
             out[:, h0:h1, t0:t1] = _attention_block(q[:, h0:h1, t0:t1], k[:, h0:h1, :seen],
-                                                    v[:, h0:h1, :seen], bias[:, :, t0:t1, :seen],
+                                                    v[:, h0:h1, :seen], b[:, :, t0:t1, :seen],
                                                     scale, from_key)
 
     if xp is not np:
