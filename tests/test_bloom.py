@@ -135,7 +135,9 @@ def test_static_qkv_ranges_are_cut_per_head(checkpoints):
     layer = model.params["h"][0]
     h = minisq.nn.layer_norm(bloom.embed(model, x, None, None), **layer["input_layernorm"], eps=1e-5)
     q, k, v = bloom.split_qkv(layer["self_attention"]["query_key_value"](h), 6)
-    assert stats.qkv_absmax(model, 0) == (np.abs(q).max(), np.abs(k).max(), np.abs(v).max())
+    # the model runs the LayerNorm kernel, this the reference: equal to float64 rounding
+    np.testing.assert_allclose(stats.qkv_absmax(model, 0), (np.abs(q).max(), np.abs(k).max(), np.abs(v).max()),
+                               rtol=1e-14, atol=0)
 
 
 def test_streamed_quantize_checkpoint_equals_in_memory(checkpoints, tmp_path):

@@ -259,7 +259,7 @@ def test_an_expert_no_calibration_token_reached_is_a_clear_error():
                              num_kv_heads=2, ffn_dim=48, max_positions=64, num_experts=8)
     model = minisq.synthetic_model(cfg, seed=1)
     stats = minisq.calibrate(model, [np.arange(1)], progress=False)          # one token: 2 of 8 experts
-    with pytest.raises(minisq.CalibrationError, match="no calibration token reached 'layers.0.block_sparse"):
+    with pytest.raises(minisq.CalibrationError, match="no input range of 'layers.0.block_sparse.*no calibration token reached it"):
         minisq.quantize(model, "O3", stats=stats)
     with pytest.raises(minisq.CalibrationError, match="no calibration token reached"):
         minisq.smooth(model, stats, groups="all")
