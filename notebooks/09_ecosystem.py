@@ -1,11 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -35,15 +36,10 @@ import numpy as np
 import minisq
 from minisq.families import params_from_state_dict
 from minisq.model import Model
+from minisq.course.notebook import check
 from minisq.synthetic import SYNTHETIC_LABEL, outlier_channels, synthetic_state_dict
 
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
-
-
-def check(what, expected, seen, ok):
-    """One stage's check: print expected vs seen, and stop the notebook if it fails."""
-    print(f"check: {what}: expected {expected}, seen {seen} -> {'OK' if ok else 'MISMATCH'}")
-    assert ok, what
 
 
 # %% [markdown]
