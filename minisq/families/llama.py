@@ -111,7 +111,8 @@ def read_rope(raw: dict, source: str) -> dict:
     if read_field(params, "partial_rotary_factor", 1.0, source=source, kind="float") != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
     theta = params["rope_theta"] if params.get("rope_theta") is not None else raw.get("rope_theta", 10000.0)
-    rope = {"rope_type": rope_type, "rope_theta": read_field({"rope_theta": theta}, "rope_theta", 10000.0, source=source, kind="float")}
+    theta = read_field({"rope_theta": theta}, "rope_theta", 10000.0, source=source, kind="float")
+    rope = {"rope_type": rope_type, "rope_theta": theta}
     for key in ROPE_TYPES[rope_type]:
         if params.get(key) is None:
             raise ConfigError(f"{source}: RoPE type {rope_type!r} needs {key!r} in its parameters")
