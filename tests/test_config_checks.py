@@ -340,7 +340,7 @@ def _tensor_elements(node, seen) -> int:
     return 0
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck) if HealthCheck else [])
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck) if HealthCheck else [])
 @given(config_edits())
 def test_property_any_config_edit_loads_all_tensors_or_raises_minisq_error(folders, tmp_path_factory, case):
     family, edits = case
