@@ -85,8 +85,8 @@ def _rezip(src: Path, dst: Path, deflate: set, extra: dict | None = None) -> Pat
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_a_deflated_storage_is_refused_unread_with_how_to_convert(tmp_path, lazy):
-    """64 MB of zeros deflate to 64 KB: a few KB of file could claim gigabytes."""
-    torch.save({"w": torch.zeros(16 * MB)}, tmp_path / "x.bin")
+    """16 MB of zeros deflate to 16 KB: a few KB of file could claim gigabytes."""
+    torch.save({"w": torch.zeros(4 * MB)}, tmp_path / "x.bin")
     bad = _rezip(tmp_path / "x.bin", tmp_path / "z.bin", {"data/0"})
     assert bad.stat().st_size < MB
     peak, err = peak_bytes(lambda: read_pytorch_bin(bad, lazy=lazy))
@@ -97,9 +97,9 @@ def test_a_deflated_storage_is_refused_unread_with_how_to_convert(tmp_path, lazy
 @pytest.mark.parametrize("lazy", [False, True])
 def test_a_huge_deflated_data_pkl_is_refused_before_it_is_unpacked(tmp_path, lazy):
     """The pickle stops at its STOP opcode, so bytes appended after it are ignored by an
-    unpickler but unpacked by a reader that trusts the record: 200 MB here."""
+    unpickler but unpacked by a reader that trusts the record: 40 MB here."""
     torch.save({"w": torch.ones(3)}, tmp_path / "x.bin")
-    bad = _rezip(tmp_path / "x.bin", tmp_path / "p.bin", {"data.pkl"}, {"data.pkl": bytes(200 * MB)})
+    bad = _rezip(tmp_path / "x.bin", tmp_path / "p.bin", {"data.pkl"}, {"data.pkl": bytes(40 * MB)})
     peak, err = peak_bytes(lambda: read_pytorch_bin(bad, lazy=lazy))
     assert "data.pkl unpacks to" in str(err)
     assert peak < 4 * MB

@@ -12,7 +12,11 @@ A family module provides (legend: B batch, T new tokens, S past + new tokens, C 
 ``config_from_hf(raw, source) -> ModelConfig``
     its config.json, with a :class:`~minisq.ConfigError` naming any option it does not implement.
 ``params_from_state_dict(config, state, dtype, source) -> dict``
-    checkpoint tensor names -> the parameter tree (linear weights ``[C_in, C_out]``, tied lm_head).
+    checkpoint tensor names -> the parameter tree (linear weights ``[C_in, C_out]``, tied lm_head),
+    taking each tensor through :class:`~minisq.families.base.Taker`, which notes it: a tensor
+    no family code took is refused by name (see :func:`params_from_state_dict` below).
+``IGNORED_TENSORS`` (optional)
+    regex patterns of checkpoint names that hold no weights (GPT-2's causal-mask buffers).
 ``EMBEDDING``
     the key of the token embedding ``[V, E]`` in the tree (its dtype and device are the model's).
 The forward pass, in pieces a layer-outer (streamed) driver can call one at a time:
