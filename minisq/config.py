@@ -13,6 +13,7 @@ naming the option, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .errors import ConfigError
 
@@ -100,12 +101,32 @@ class ModelConfig:
         return cls(**d)
 
 
-def read_field(raw: dict, key: str, default=None, required: bool = False, source: str = ""):
+# What a config.json value of each kind may be. JSON's true/false are not numbers here
+# (Python calls them ints), and a string is never a boolean: "false" would count as true.
+KINDS = {
+    "int": ("an integer", lambda v: type(v) is int),
+    "float": ("a number", lambda v: type(v) in (int, float) and math.isfinite(v)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "str": ("a string", lambda v: type(v) is str),
+    "ids": ("a token id or a list of them", lambda v: type(v) is int or (
+        type(v) is list and all(type(i) is int for i in v))),
+}
+
+
+def read_field(raw: dict, key: str, default=None, required: bool = False, source: str = "", kind: str | None = None):
+    """``raw[key]`` (``default`` when absent or null), checked to be of ``kind`` (see KINDS)
+    with a :class:`ConfigError` naming the field; a "float" comes back as a float."""
     if key not in raw or raw[key] is None:
         if required:
             raise ConfigError(f"{source}: config.json has no {key!r}, which a {raw.get('model_type')} model needs")
         return default
-    return raw[key]
+    value = raw[key]
+    if kind is None:
+        return value
+    what, ok = KINDS[kind]
+    if not ok(value):
+        raise ConfigError(f"{source}: {key} must be {what}, got {value!r:.60}")
+    return float(value) if kind == "float" else value
 
 
 def check_activation(name: str, source: str) -> str:
@@ -116,13 +137,48 @@ def check_activation(name: str, source: str) -> str:
     return name
 
 
+# The kinds each ModelConfig field may hold, from its annotation ("int | None" -> int or None).
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                     "dict": (dict,), "list": (list,), "None": (type(None),)}
+
+
+def check_types(cfg: ModelConfig, source: str) -> None:
+    """Every field of ``cfg`` holds what its annotation says (a bool is not an int, a float
+    is finite), else a ConfigError naming the field. Guards configs not read through
+    :func:`read_field`, such as a saved model's minisq.json."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        parts = [_ANNOTATION_TYPES.get(part.strip()) for part in str(field.type).split("|")]
+        if None in parts:      # an annotation this table does not know: nothing to check against
+            continue
+        allowed = tuple(t for types in parts for t in types)
+        ok = isinstance(value, allowed) and (type(value) is not bool or bool in allowed)
+        if ok and isinstance(value, float):
+            ok = math.isfinite(value)
+        if ok and field.name == "eos_token_id" and isinstance(value, list):
+            ok = all(type(i) is int for i in value)
+        if not ok:
+            raise ConfigError(f"{source}: {field.name} must be {field.type}, got {value!r:.60}")
+
+
 def validate(cfg: ModelConfig, source: str) -> ModelConfig:
+    """The checks every family's config passes: field types, positive sizes, heads that divide
+    the hidden size, a positive epsilon."""
+    check_types(cfg, source)
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
-    if cfg.hidden_size % cfg.num_heads:
+    if cfg.head_size is None and cfg.hidden_size % cfg.num_heads:
         raise ConfigError(
             f"{source}: hidden size {cfg.hidden_size} is not divisible by the number of heads {cfg.num_heads}"
         )
+    if not cfg.layer_norm_eps > 0:
+        raise ConfigError(f"{source}: the normalization epsilon must be > 0, got {cfg.layer_norm_eps!r}")
+    for key in ("num_kv_heads", "head_size", "word_embed_proj_dim", "sliding_window"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if not 0 <= cfg.position_offset <= 2:
+        raise ConfigError(f"{source}: position_offset must be 0, 1 or 2, got {cfg.position_offset!r}")
     return cfg

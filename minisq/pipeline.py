@@ -155,8 +155,8 @@ def _prepare_dst(dst: Path, key: dict, resume: bool) -> int:
                 "to resume: pass a new or empty folder")
         try:
             run = json.loads(run_file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{run_file} is unreadable ({e}); delete {dst} and start again") from None
+        except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested too deep
+            raise CheckpointError(f"{run_file} is unreadable ({e!r:.200}); delete {dst} and start again") from None
         if not isinstance(run, dict) or run.get("key") != key:
             theirs = run.get("key") if isinstance(run, dict) else None
             raise CheckpointError(

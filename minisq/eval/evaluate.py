@@ -47,6 +47,8 @@ def _token_ids(model, text_or_ids) -> np.ndarray:
     ids = np.asarray(to_numpy(text_or_ids))
     if ids.ndim != 1:
         raise InputError(f"perplexity takes one token stream [N], got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):   # 10.7 is no token: never truncated to 10
+        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
     return ids.astype(np.int64)
 
 

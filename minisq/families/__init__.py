@@ -13,7 +13,11 @@ A family module provides (legend: B batch, T new tokens, S past + new tokens, C 
 ``config_from_hf(raw, source) -> ModelConfig``
     its config.json, with a :class:`~minisq.ConfigError` naming any option it does not implement.
 ``params_from_state_dict(config, state, dtype, source) -> dict``
-    checkpoint tensor names -> the parameter tree (linear weights ``[C_in, C_out]``, tied lm_head).
+    checkpoint tensor names -> the parameter tree (linear weights ``[C_in, C_out]``, tied lm_head),
+    taking each tensor through :class:`~minisq.families.base.Taker`, which notes it: a tensor
+    no family code took is refused by name (see :func:`params_from_state_dict` below).
+``IGNORED_TENSORS`` (optional)
+    regex patterns of checkpoint names that hold no weights (GPT-2's causal-mask buffers).
 ``EMBEDDING``
     the key of the token embedding ``[V, E]`` in the tree (its dtype and device are the model's).
 The forward pass, in pieces a layer-outer (streamed) driver can call one at a time:
@@ -61,13 +65,15 @@ Nothing here is model-specific except through the modules themselves; hub downlo
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from ..io.jsonfile import read_json
 from . import bloom, falcon, gpt2, llama, mixtral, opt
+from .base import TrackedState
 
 # model_type -> family module
 FAMILIES = {model_type: family for family in (gpt2, opt, llama, bloom, falcon, mixtral) for model_type in family.MODEL_TYPES}
@@ -93,7 +99,10 @@ def config_from_hf(raw: dict, source: str = "config.json"):
     """Map a Hugging Face config dict to a :class:`~minisq.config.ModelConfig`, through its family."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    return family_for(raw.get("model_type"), source).config_from_hf(raw, source)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{source}: model_type must be a string such as 'gpt2', got {model_type!r:.60}")
+    return family_for(model_type, source).config_from_hf(raw, source)
 
 
 def read_config(folder: Path):
@@ -101,10 +110,7 @@ def read_config(folder: Path):
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a Hugging Face model folder needs a config.json beside its weights")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file looks corrupt, re-download it") from None
+    raw = read_json(path, what="the file looks corrupt, re-download it")
     cfg = config_from_hf(raw, source=str(path))
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=Path(folder).name)
@@ -112,5 +118,28 @@ def read_config(folder: Path):
 
 
 def params_from_state_dict(config, state: dict, dtype, source: str = "checkpoint") -> dict:
-    """The parameter tree of a model from its (HF-named) state dict, through its family."""
-    return family_for(config).params_from_state_dict(config, state, np.dtype(dtype), source)
+    """The parameter tree of a model from its (HF-named) state dict, through its family.
+
+    Every tensor of the state dict must be used: one the config does not account for (a
+    layer past ``num_layers``, a bias the config turns off, an lm_head the config ties to
+    the embedding) means config.json does not describe these weights, and is refused with
+    its name. Buffers that hold no weights (a family's ``IGNORED_TENSORS`` patterns, such
+    as GPT-2's causal-mask ``attn.bias``) are skipped."""
+    family = family_for(config)
+    tracked = TrackedState(state)
+    params = family.params_from_state_dict(config, tracked, np.dtype(dtype), source)
+    ignored = [re.compile(p) for p in getattr(family, "IGNORED_TENSORS", ())]
+    unused = [k for k in state if k not in tracked.taken and not any(p.search(k) for p in ignored)]
+    if unused:
+        shown = ", ".join(repr(k) for k in sorted(unused, key=_natural)[:8])
+        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+        raise CheckpointError(
+            f"{source}: {len(unused)} tensor(s) of the checkpoint are not used by its config "
+            f"({config.model_type}, {config.num_layers} layers): {shown}{more}. config.json does not "
+            "describe these weights (an edited or mismatched config.json?); fix config.json or the weights")
+    return params
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -49,15 +49,32 @@ class SpecialTokens:
 
 # --- reading a checkpoint -------------------------------------------------------------------
 
+class TrackedState(dict):
+    """A state dict that records which of its tensors were taken (by their names in the file),
+    so that the loader can name every tensor the config did not use. ``taken`` is shared
+    with the dicts :func:`strip_prefix` makes from it."""
+
+    def __init__(self, items=(), taken: set | None = None, names: dict | None = None):
+        super().__init__(items)
+        self.taken = set() if taken is None else taken     # names in the file
+        self.names = names or {}                           # key here -> name in the file
+
+    def note(self, key: str) -> None:
+        self.taken.add(self.names.get(key, key))
+
+
 def strip_prefix(state: dict, prefixes: tuple) -> dict:
     # checkpoints differ: "transformer.h.0..." vs "h.0...", "model.decoder.layers..." vs "decoder.layers..."
-    out = {}
+    out, names = {}, {}
     for key, value in state.items():
+        short = key
         for prefix in prefixes:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                short = key[len(prefix):]
                 break
-        out[key] = value
+        out[short], names[short] = value, getattr(state, "names", {}).get(key, key)
+    if isinstance(state, TrackedState):
+        return TrackedState(out, taken=state.taken, names=names)
     return out
 
 
@@ -66,7 +83,7 @@ class Taker:
 
     A plain array becomes a fresh array of the compute ``dtype``; a
     :class:`~minisq.io.storage.StoredTensor` (weights kept as stored) is kept, transposed
-    lazily where the layout needs it.
+    lazily where the layout needs it. Each tensor taken is noted in a :class:`TrackedState`.
     """
 
     def __init__(self, state: dict, dtype: np.dtype, source: str):
@@ -78,6 +95,8 @@ class Taker:
                 f"{self.source}: tensor {key!r} is missing from the checkpoint; the weights do not match "
                 "config.json (wrong or incomplete download?)"
             )
+        if isinstance(self.state, TrackedState):
+            self.state.note(key)
         a = self.state[key]
         stored = tuple(reversed(shape)) if transpose else tuple(shape)
         if isinstance(a, StoredTensor):   # kept as stored (float16/bfloat16 or memory-mapped): see loading

@@ -19,33 +19,38 @@ from .base import Mapping, SpecialTokens, make_lm_head, self_attention, strip_pr
 MODEL_TYPES = ("gpt2",)
 EMBEDDING = "wte"            # the token embedding [V, C] in the parameter tree
 LAYER_PREFIX = "h.{i}"       # dotted name of layer i
+# Buffers of HF GPT-2 checkpoints that hold no weights (the causal mask and its fill value).
+IGNORED_TENSORS = (r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",)
 
 
 # --- config.json ----------------------------------------------------------------------------
 
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """A GPT-2 config.json (``n_embd``, ``n_layer``, ...) as a :class:`ModelConfig`."""
-    if raw.get("add_cross_attention"):
+    def field(key, default=None, kind="int", required=False):
+        return read_field(raw, key, default, required=required, source=source, kind=kind)
+
+    if field("add_cross_attention", False, "bool"):
         raise ConfigError(f"{source}: add_cross_attention=True (an encoder-decoder GPT-2) is not supported")
-    C = read_field(raw, "n_embd", required=True, source=source)
-    n_inner = read_field(raw, "n_inner")
+    C = field("n_embd", required=True)
+    n_inner = field("n_inner")
     cfg = ModelConfig(
         model_type="gpt2",
-        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
+        vocab_size=field("vocab_size", required=True),
         hidden_size=C,
-        num_layers=read_field(raw, "n_layer", required=True, source=source),
-        num_heads=read_field(raw, "n_head", required=True, source=source),
+        num_layers=field("n_layer", required=True),
+        num_heads=field("n_head", required=True),
         ffn_dim=n_inner if n_inner else 4 * C,
-        max_positions=read_field(raw, "n_positions", 1024),
-        layer_norm_eps=float(read_field(raw, "layer_norm_epsilon", 1e-5)),
-        activation=check_activation(read_field(raw, "activation_function", "gelu_new"), source),
-        scale_attn_weights=bool(read_field(raw, "scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(read_field(raw, "scale_attn_by_inverse_layer_idx", False)),
-        reorder_and_upcast_attn=bool(read_field(raw, "reorder_and_upcast_attn", False)),
-        bos_token_id=read_field(raw, "bos_token_id", 50256),
-        eos_token_id=read_field(raw, "eos_token_id", 50256),
-        pad_token_id=read_field(raw, "pad_token_id"),
-        name=raw.get("_name_or_path", "") or "",
+        max_positions=field("n_positions", 1024),
+        layer_norm_eps=field("layer_norm_epsilon", 1e-5, "float"),
+        activation=check_activation(field("activation_function", "gelu_new", "str"), source),
+        scale_attn_weights=field("scale_attn_weights", True, "bool"),
+        scale_attn_by_inverse_layer_idx=field("scale_attn_by_inverse_layer_idx", False, "bool"),
+        reorder_and_upcast_attn=field("reorder_and_upcast_attn", False, "bool"),
+        bos_token_id=field("bos_token_id", 50256),
+        eos_token_id=field("eos_token_id", 50256, "ids"),
+        pad_token_id=field("pad_token_id"),
+        name=field("_name_or_path", "", "str"),
     )
     return validate(cfg, source)
 

@@ -25,7 +25,9 @@ import numpy as np
 from .. import nn
 from ..backend import get_array_module
 from ..config import ModelConfig, read_field
-from ..errors import ConfigError
+from ..config import validate as check_config
+from ..errors import CheckpointError, ConfigError
+from ..io.storage import materialize
 from ..kernels.cpu import rms_norm, silu
 from ..nn import Linear, apply_rotary
 from .base import Mapping, SpecialTokens, self_attention, strip_prefix, Taker
@@ -33,6 +35,8 @@ from .base import Mapping, SpecialTokens, self_attention, strip_prefix, Taker
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 EMBEDDING = "embed_tokens"   # the token embedding [V, C] in the parameter tree
 LAYER_PREFIX = "layers.{i}"  # dotted name of layer i
+# Buffers of older checkpoints that hold no weights (rotary frequencies, recomputed here).
+IGNORED_TENSORS = (r"rotary_emb\.inv_freq$",)
 
 # What each RoPE type needs from config.json besides rope_theta.
 ROPE_TYPES = {
@@ -47,44 +51,49 @@ ROPE_TYPES = {
 
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """A Llama / Mistral / Qwen2 config.json as a :class:`ModelConfig`."""
+    def field(key, default=None, kind="int", required=False):
+        return read_field(raw, key, default, required=required, source=source, kind=kind)
+
     model_type = raw["model_type"]
-    act = read_field(raw, "hidden_act", "silu")
+    act = field("hidden_act", "silu", "str")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported; the Llama family here uses 'silu'")
-    if read_field(raw, "pretraining_tp", 1) != 1:
+    if field("pretraining_tp", 1) != 1:
         raise ConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} (sliced linears) is not supported")
-    if model_type == "qwen2" and raw.get("use_sliding_window"):
+    if model_type == "qwen2" and field("use_sliding_window", False, "bool"):
         raise ConfigError(f"{source}: use_sliding_window=True (Qwen2's per-layer windows) is not supported")
-    H = read_field(raw, "num_attention_heads", required=True, source=source)
-    P = read_field(raw, "max_position_embeddings", 2048)
+    H = field("num_attention_heads", required=True)
+    P = field("max_position_embeddings", 2048)
     rope = read_rope(raw, source)
-    attention_bias = bool(read_field(raw, "attention_bias", False))
+    attention_bias = field("attention_bias", False, "bool")
+    if rope["rope_type"] == "dynamic" and P * rope["factor"] > 2 ** 31:
+        raise ConfigError(f"{source}: max_position_embeddings × dynamic RoPE factor is {P * rope['factor']:.3g} positions")
     cfg = ModelConfig(
         model_type=model_type,
-        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
-        hidden_size=read_field(raw, "hidden_size", required=True, source=source),
-        num_layers=read_field(raw, "num_hidden_layers", required=True, source=source),
+        vocab_size=field("vocab_size", required=True),
+        hidden_size=field("hidden_size", required=True),
+        num_layers=field("num_hidden_layers", required=True),
         num_heads=H,
-        ffn_dim=read_field(raw, "intermediate_size", required=True, source=source),
+        ffn_dim=field("intermediate_size", required=True),
         # dynamic NTK scaling exists to run past the trained context: allow factor x as long
         max_positions=int(P * rope["factor"]) if rope["rope_type"] == "dynamic" else P,
-        layer_norm_eps=float(read_field(raw, "rms_norm_eps", 1e-6)),
+        layer_norm_eps=field("rms_norm_eps", 1e-6, "float"),
         activation="silu",
         enable_bias=False,
-        num_kv_heads=read_field(raw, "num_key_value_heads", H),
-        head_size=read_field(raw, "head_dim"),
+        num_kv_heads=field("num_key_value_heads", H),
+        head_size=field("head_dim"),
         rope=rope,
         qkv_bias=True if model_type == "qwen2" else attention_bias,   # Qwen2: q, k, v always biased
         o_bias=attention_bias if model_type == "llama" else False,
-        mlp_bias=bool(read_field(raw, "mlp_bias", False)),
-        sliding_window=read_field(raw, "sliding_window") if model_type == "mistral" else None,
-        tie_word_embeddings=bool(read_field(raw, "tie_word_embeddings", False)),
-        bos_token_id=read_field(raw, "bos_token_id"),
-        eos_token_id=read_field(raw, "eos_token_id"),
-        pad_token_id=read_field(raw, "pad_token_id"),
-        name=raw.get("_name_or_path", "") or "",
+        mlp_bias=field("mlp_bias", False, "bool"),
+        sliding_window=field("sliding_window") if model_type == "mistral" else None,
+        tie_word_embeddings=field("tie_word_embeddings", False, "bool"),
+        bos_token_id=field("bos_token_id"),
+        eos_token_id=field("eos_token_id", kind="ids"),
+        pad_token_id=field("pad_token_id"),
+        name=field("_name_or_path", "", "str"),
     )
-    return _validate(cfg, source)
+    return validate(cfg, source)
 
 
 def read_rope(raw: dict, source: str) -> dict:
@@ -93,37 +102,74 @@ def read_rope(raw: dict, source: str) -> dict:
     ``rope_parameters`` (``{"rope_type": ..., "rope_theta": ...}``)."""
     params = raw.get("rope_parameters")
     if params is None:
-        params = dict(raw.get("rope_scaling") or {})
+        params = raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"{source}: rope_parameters/rope_scaling must be a JSON object, got {params!r}")
+        raise ConfigError(f"{source}: rope_parameters/rope_scaling must be a JSON object, got {params!r:.60}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{source}: RoPE type {rope_type!r} is not supported; minisq implements {sorted(ROPE_TYPES)}")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{source}: RoPE type {rope_type!r:.60} is not supported; minisq implements {sorted(ROPE_TYPES)}")
+    if read_field(params, "partial_rotary_factor", 1.0, source=source, kind="float") != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-    rope = {"rope_type": rope_type, "rope_theta": float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))}
+    theta = params["rope_theta"] if params.get("rope_theta") is not None else raw.get("rope_theta", 10000.0)
+    theta = read_field({"rope_theta": theta}, "rope_theta", 10000.0, source=source, kind="float")
+    rope = {"rope_type": rope_type, "rope_theta": theta}
     for key in ROPE_TYPES[rope_type]:
         if params.get(key) is None:
             raise ConfigError(f"{source}: RoPE type {rope_type!r} needs {key!r} in its parameters")
-        rope[key] = float(params[key])
+        rope[key] = read_field(params, key, source=source, kind="float")
     if rope_type == "dynamic":   # transformers scales from max_position_embeddings
-        rope["original_max_position_embeddings"] = float(read_field(raw, "max_position_embeddings", 2048))
+        rope["original_max_position_embeddings"] = read_field(raw, "max_position_embeddings", 2048.0,
+                                                              source=source, kind="float")
+    return check_rope(rope, source)
+
+
+# The valid range of each RoPE parameter: (test, what it must be). A linear factor scales
+# positions down (any > 0); a dynamic factor only ever lengthens the context (>= 1; below 1 it
+# would silently shorten it); llama3 blends between two frequency bounds that must differ.
+ROPE_RANGES = {
+    "rope_theta": (lambda v: v > 0, "> 0"),
+    "factor": (lambda v: v > 0, "> 0"),
+    "low_freq_factor": (lambda v: v > 0, "> 0"),
+    "high_freq_factor": (lambda v: v > 0, "> 0"),
+    "original_max_position_embeddings": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_rope(rope, source: str) -> dict:
+    """``rope`` (as :func:`read_rope` gives it) if every value is a finite number in its range,
+    else a ConfigError naming the value."""
+    if not isinstance(rope, dict) or rope.get("rope_type") not in ROPE_TYPES:
+        raise ConfigError(f"{source}: rope must be an object with a rope_type of {sorted(ROPE_TYPES)}, got {rope!r:.80}")
+    needed = {"rope_type", "rope_theta", *ROPE_TYPES[rope["rope_type"]]}
+    if rope["rope_type"] == "dynamic":
+        needed.add("original_max_position_embeddings")
+    if set(rope) != needed:
+        raise ConfigError(f"{source}: a {rope['rope_type']!r} rope needs exactly {sorted(needed)}, got {sorted(rope)}")
+    for key in needed - {"rope_type"}:
+        value = rope[key]
+        test, what = ROPE_RANGES[key]
+        if type(value) not in (int, float) or not math.isfinite(value) or not test(value):
+            raise ConfigError(f"{source}: RoPE {key} must be a finite number {what}, got {value!r:.60}")
+    if rope["rope_type"] == "dynamic" and rope["factor"] < 1:
+        raise ConfigError(f"{source}: a dynamic RoPE factor must be >= 1 (it lengthens the context), got {rope['factor']}")
+    if rope["rope_type"] == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise ConfigError(f"{source}: llama3 RoPE needs high_freq_factor > low_freq_factor, got "
+                          f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
     return rope
 
 
-def _validate(cfg: ModelConfig, source: str) -> ModelConfig:
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions", "num_kv_heads"):
-        value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+def validate(cfg: ModelConfig, source: str) -> ModelConfig:
+    """The generic checks (:func:`minisq.config.validate`) and the Llama family's own: key/value
+    heads that divide the query heads, an even head dim, a valid RoPE."""
+    check_config(cfg, source)
+    if cfg.num_kv_heads is None or cfg.num_kv_heads <= 0:
+        raise ConfigError(f"{source}: num_kv_heads must be a positive integer, got {cfg.num_kv_heads!r}")
     if cfg.num_heads % cfg.kv_heads:
         raise ConfigError(f"{source}: {cfg.num_heads} query heads cannot share {cfg.kv_heads} key/value heads "
                           "evenly (num_attention_heads must be a multiple of num_key_value_heads)")
-    if cfg.head_size is None and cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(
-            f"{source}: hidden size {cfg.hidden_size} is not divisible by the number of heads {cfg.num_heads}")
     if cfg.head_dim % 2:
         raise ConfigError(f"{source}: head_dim {cfg.head_dim} is odd; rotary embeddings rotate pairs of channels")
+    check_rope(cfg.rope, source)
     return cfg
 
 
@@ -164,6 +210,13 @@ def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) ->
     # Tied (SmolLM, Qwen2.5-0.5B, Llama-3.2-1B): lm_head is the embedding; the leaf holds its
     # transpose [C, V], a view. Untied: lm_head.weight [V, C] must be in the file.
     w = embed if cfg.tie_word_embeddings else take("lm_head.weight", (V, C))
+    if cfg.tie_word_embeddings and "lm_head.weight" in take.state:   # honoured only if it is the embedding
+        stored = take("lm_head.weight", (V, C))
+        if not np.array_equal(materialize(stored, np.float32), materialize(embed, np.float32)):
+            raise CheckpointError(
+                f"{source}: config.json says tie_word_embeddings: true (lm_head is the token embedding), "
+                "but the checkpoint stores an lm_head.weight that differs from it; set "
+                "tie_word_embeddings to false to use the stored lm_head")
     params["lm_head"] = Linear(w.T, None)
     return params
 

@@ -29,28 +29,31 @@ LAYER_PREFIX = "layers.{i}"  # dotted name of layer i
 
 def config_from_hf(raw: dict, source: str) -> ModelConfig:
     """An OPT config.json as a :class:`ModelConfig`."""
-    C = read_field(raw, "hidden_size", required=True, source=source)
-    proj = read_field(raw, "word_embed_proj_dim", C)
+    def field(key, default=None, kind="int", required=False):
+        return read_field(raw, key, default, required=required, source=source, kind=kind)
+
+    C = field("hidden_size", required=True)
+    proj = field("word_embed_proj_dim", C)
     cfg = ModelConfig(
         model_type="opt",
-        vocab_size=read_field(raw, "vocab_size", required=True, source=source),
+        vocab_size=field("vocab_size", required=True),
         hidden_size=C,
-        num_layers=read_field(raw, "num_hidden_layers", required=True, source=source),
-        num_heads=read_field(raw, "num_attention_heads", required=True, source=source),
-        ffn_dim=read_field(raw, "ffn_dim", required=True, source=source),
-        max_positions=read_field(raw, "max_position_embeddings", 2048),
+        num_layers=field("num_hidden_layers", required=True),
+        num_heads=field("num_attention_heads", required=True),
+        ffn_dim=field("ffn_dim", required=True),
+        max_positions=field("max_position_embeddings", 2048),
         layer_norm_eps=1e-5,  # OPT's LayerNorms use torch's default eps
-        activation=check_activation(read_field(raw, "activation_function", "relu"), source),
-        do_layer_norm_before=bool(read_field(raw, "do_layer_norm_before", True)),
+        activation=check_activation(field("activation_function", "relu", "str"), source),
+        do_layer_norm_before=field("do_layer_norm_before", True, "bool"),
         word_embed_proj_dim=proj if proj != C else None,
-        enable_bias=bool(read_field(raw, "enable_bias", True)),
-        layer_norm_elementwise_affine=bool(read_field(raw, "layer_norm_elementwise_affine", True)),
-        remove_final_layer_norm=bool(read_field(raw, "_remove_final_layer_norm", False)),
+        enable_bias=field("enable_bias", True, "bool"),
+        layer_norm_elementwise_affine=field("layer_norm_elementwise_affine", True, "bool"),
+        remove_final_layer_norm=field("_remove_final_layer_norm", False, "bool"),
         position_offset=2,
-        bos_token_id=read_field(raw, "bos_token_id", 2),
-        eos_token_id=read_field(raw, "eos_token_id", 2),
-        pad_token_id=read_field(raw, "pad_token_id", 1),
-        name=raw.get("_name_or_path", "") or "",
+        bos_token_id=field("bos_token_id", 2),
+        eos_token_id=field("eos_token_id", 2, "ids"),
+        pad_token_id=field("pad_token_id", 1),
+        name=field("_name_or_path", "", "str"),
     )
     return validate(cfg, source)
 

@@ -31,7 +31,6 @@ stored, bool as bool, and bfloat16 (which NumPy lacks) widened to float32 exactl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -42,6 +41,8 @@ from ..errors import CheckpointError
 from .dtypes import (  # noqa: F401  (bf16 helpers and decode: public here)
     CORRUPT, SAFETENSORS_DTYPES, STORED_DTYPES, bf16_to_float32, decode, float32_to_bf16, is_count,
 )
+from .mapped import map_file
+from .jsonfile import MAX_JSON_BYTES, parse_json, read_json
 from .torch_bin import read_pytorch_bin
 
 # The weight files of a model folder, in the order they are tried.
@@ -113,10 +114,7 @@ def read_sharded(index_path: Path | str, read_shard) -> dict[str, np.ndarray]:
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
     """The {tensor name: shard file name} map of a *.index.json file, checked."""
-    try:
-        index = json.loads(index_path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 errors
-        raise CheckpointError(f"{index_path} is not readable JSON ({e}); {CORRUPT}") from e
+    index = read_json(index_path, what=CORRUPT)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -160,7 +158,7 @@ def read_safetensors(path: Path | str, raw: bool = False, lazy: bool = False) ->
                      for name, entry in header.items() if name != "__metadata__"}
             _check_disjoint(path, specs)
             if lazy:
-                mm = np.memmap(path, dtype=np.uint8, mode="r") if file_size > data_start else None
+                mm = map_file(f, np.uint8, 0, (file_size,)) if file_size > data_start else None
                 return {name: (elem, _mapped(mm, data_start, elem, shape, begin, end))
                         for name, (elem, shape, begin, end) in specs.items()}
             out = {}
@@ -174,6 +172,20 @@ def read_safetensors(path: Path | str, raw: bool = False, lazy: bool = False) ->
         raise CheckpointError(f"cannot read {path}: {e}") from e
     except Exception as e:  # the promise: a bad file gives CheckpointError, nothing else
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}; {CORRUPT}") from e
+
+
+def read_safetensors_metadata(path: Path | str) -> dict:
+    """The ``__metadata__`` of a .safetensors file ({} when it has none), from its header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header, _ = _safetensors_header(f, os.fstat(f.fileno()).st_size, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings; {CORRUPT}")
+    return meta
 
 
 def _mapped(mm, data_start: int, elem: str, shape: tuple, begin: int, end: int) -> np.ndarray:
@@ -199,13 +211,14 @@ def _safetensors_header(f, file_size: int, path: Path) -> tuple[dict, int]:
         raise CheckpointError(
             f"{path} is {file_size} bytes, shorter than the 8-byte header length; {CORRUPT}")
     n = int.from_bytes(f.read(8), "little")
+    if n > MAX_JSON_BYTES:   # the reference library's cap, checked before anything is allocated
+        raise CheckpointError(
+            f"{path} says its header is {n} bytes, more than the {MAX_JSON_BYTES} a safetensors "
+            f"header may have; {CORRUPT}")
     if n > file_size - 8:
         raise CheckpointError(
             f"{path} says its header is {n} bytes but only {file_size - 8} follow; {CORRUPT}")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: the header is not UTF-8 JSON ({e}); {CORRUPT}") from e
+    header = parse_json(f.read(n), f"{path}: the header", what=CORRUPT)   # a name given twice is refused
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path}: the header is a JSON {type(header).__name__}, not an object; {CORRUPT}")

@@ -29,15 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
-from ..config import ModelConfig
+from ..config import ModelConfig, check_types, validate
 from ..errors import CheckpointError, ConfigError
 from ..families import family_for
 from ..nn import Linear
 from ..baselines import GroupW8A8Linear, LLMInt8Linear, W8A16Linear
-from ..qlinear import AttentionQuant, W8A8Linear
+from ..qlinear import ACT_GRANULARITIES, PATHS, AttentionQuant, W8A8Linear
+from .jsonfile import parse_json, read_json
 from .storage import materialize
 from .tokenizer import load_tokenizer
-from ..tree import is_linear_leaf
+from ..tree import _walk, is_linear_leaf
 
 FORMAT = "minisq-model-v1"
 LEAF_TYPES = {"Linear": Linear, "W8A8Linear": W8A8Linear, "W8A16Linear": W8A16Linear,
@@ -135,7 +136,8 @@ def save_model(model, folder, format: str = "minisq") -> Path:
         attn = _encode(fields, "attn_quant", tensors)
     meta = dict(format=FORMAT, config=model.config.to_dict(), params=skeleton, info=info, attn_quant=attn,
                 tokenizer=model.tokenizer is not None)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    save_file(tensors, str(folder / "model.safetensors"),
+              metadata={"format": FORMAT, "config": config_fingerprint(model.config.to_dict())})
     (folder / "minisq.json").write_text(json.dumps(meta, indent=1))
     if model.tokenizer is not None:
         model.tokenizer.bpe.save(str(folder / "tokenizer.json"))
@@ -146,44 +148,101 @@ def save_model(model, folder, format: str = "minisq") -> Path:
     return folder
 
 
+def config_fingerprint(config: dict) -> str:
+    """The config as canonical JSON: stored in the tensors' file, so that an edited minisq.json
+    is caught by comparing the two."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
 def load_saved(folder) -> dict:
     """Read a folder written by :func:`save_model`: the fields of a
-    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them)."""
-    from .checkpoint import read_safetensors
+    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them).
+
+    minisq.json is checked against the tensors it describes: its config must be valid (types
+    and ranges, as for a config.json), equal to the config recorded in the tensors' file when
+    there is one, and agree with the tree (as many layers as ``num_layers``, an embedding of
+    ``[V, E]``); every leaf's settings must be ones minisq knows."""
+    from .checkpoint import read_safetensors, read_safetensors_metadata
 
     folder = Path(folder)
     path = folder / "minisq.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); the saved model looks corrupt, save it again") from None
+    meta = read_json(path, what="the saved model looks corrupt, save it again")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    shards = meta.get("shards", ["model.safetensors"])
+    if not isinstance(shards, list) or not all(isinstance(shard, str) for shard in shards):
+        raise CheckpointError(f"{path}: shards must be a list of file names, got {shards!r:.80}")
     tensors = {}
-    for shard in meta.get("shards", ["model.safetensors"]) if isinstance(meta, dict) else []:
-        if Path(shard).name != shard:
+    for shard in shards:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path} names the shard {shard!r}, which is not a file in {folder}")
         if not (folder / shard).is_file():
             raise CheckpointError(f"{folder} lacks {shard}, which {path.name} lists: the saved model is "
                                   "incomplete (an interrupted copy or run?); save or quantize it again")
+        recorded = read_safetensors_metadata(folder / shard).get("config")
+        if recorded is not None and recorded != config_fingerprint(meta.get("config")):
+            raise CheckpointError(f"{path}: its config differs from the one {shard} was saved with "
+                                  f"({_config_diff(parse_json(recorded.encode(), shard), meta.get('config'))}); "
+                                  "minisq.json was edited: restore it or save the model again")
         tensors.update(read_safetensors(folder / shard))
     try:
         config = ModelConfig.from_dict(meta["config"])
         params = _decode(meta["params"], tensors, str(folder))
         info = _decode(meta["info"], tensors, str(folder))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is malformed ({type(exc).__name__}: {exc}); save the model again") from None
-    attn = meta.get("attn_quant")
+        attn = meta.get("attn_quant")
+        attn_fields = _decode(attn, tensors, str(folder)) if attn else None
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is malformed ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "save the model again") from None
+    check_types(config, str(path))
+    family = family_for(config, str(path))
+    getattr(family, "validate", validate)(config, str(path))
+    _check_tree(config, family, params, str(path))
     attn_quant = None
-    if attn:
-        fields = _decode(attn, tensors, str(folder))
-        if fields.get("static") is not None:
-            fields["static"] = tuple(tuple(scales) for scales in fields["static"])
-        attn_quant = AttentionQuant(**fields)
+    if attn_fields:
+        try:
+            if attn_fields.get("static") is not None:
+                attn_fields["static"] = tuple(tuple(scales) for scales in attn_fields["static"])
+            attn_quant = AttentionQuant(**attn_fields)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: attn_quant is malformed ({exc}); save the model again") from None
     tokenizer = None
     if meta.get("tokenizer"):
         tokenizer = load_tokenizer(folder, config.model_type)
     return dict(config=config, params=params, tokenizer=tokenizer, info=info, attn_quant=attn_quant)
+
+
+def _config_diff(saved, edited) -> str:
+    if not (isinstance(saved, dict) and isinstance(edited, dict)):
+        return "not an object"
+    keys = sorted(k for k in set(saved) | set(edited) if saved.get(k) != edited.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r:.30} in the tensors, {edited.get(k)!r:.30} in minisq.json" for k in keys[:4])
+
+
+# Settings of a linear leaf that select code paths: the values minisq implements.
+LEAF_CHOICES = {"acts": ACT_GRANULARITIES, "path": PATHS}
+
+
+def _check_tree(config: ModelConfig, family, params, source: str) -> None:
+    """The decoded tree agrees with the config: ``num_layers`` layers, a ``[V, E]`` embedding,
+    and leaf settings minisq implements."""
+    layers = family.layers(params)
+    if not isinstance(layers, list) or len(layers) != config.num_layers:
+        held = len(layers) if isinstance(layers, list) else type(layers).__name__
+        raise CheckpointError(f"{source}: num_layers is {config.num_layers} but the saved tree holds {held} "
+                              "layers; minisq.json was edited or is damaged: save the model again")
+    embedding = params.get(family.EMBEDDING)
+    if getattr(embedding, "shape", None) != (config.vocab_size, config.embed_dim):
+        raise CheckpointError(f"{source}: the embedding is {getattr(embedding, 'shape', None)}, but the config "
+                              f"says [{config.vocab_size}, {config.embed_dim}]; save the model again")
+    for name, leaf in _walk(params, ""):
+        for field, allowed in LEAF_CHOICES.items():
+            value = getattr(leaf, field, None)
+            if value is not None and value not in allowed:
+                raise CheckpointError(f"{source}: leaf {name!r} has {field}={value!r:.40}; minisq implements "
+                                      f"{allowed}: save the model again")
+        if getattr(leaf, "acts", None) == "static" and getattr(leaf, "x_scale", None) is None:
+            raise CheckpointError(f"{source}: leaf {name!r} has static activations but no x_scale")
 
 
 def folder_bytes(folder) -> int:

@@ -11,6 +11,7 @@ normalized to ``[C_in, C_out]`` (``y = x @ w + b``): GPT-2's Conv1D already stor
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from ..backend import check_device
 from .checkpoint import bf16_to_float32, decode, float32_to_bf16
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..errors import ConfigError, MinisqError, NonFiniteError
 from .compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from .export import load_saved
 from ..families import params_from_state_dict, read_config  # noqa: F401  (params_from_state_dict: public here)
@@ -50,9 +51,14 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     and a compressed-tensors int-quantized W8A8 checkpoint as a W8A8 model
     (:mod:`minisq.io.compressed_tensors`).
     """
-    dtype = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
+    try:
+        dtype = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
+    except TypeError:   # not a dtype NumPy knows ("float8", 3, ...)
+        pass
     if dtype not in STORAGE_DTYPES:
         raise ConfigError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    if not isinstance(lazy, bool) or not isinstance(tokenizer, bool):
+        raise ConfigError(f"lazy and tokenizer must be True or False, got {lazy!r} and {tokenizer!r}")
     if str(name_or_path) == "synthetic":
         return synthetic_model(dtype=dtype if dtype in FLOAT_DTYPES else "float32").to(device)
     check_device(device)
@@ -103,8 +109,17 @@ def _stored(key: str, elem: str, a: np.ndarray, storage: str, source: str):
     return StoredTensor(a, elem)
 
 
+# Files any tokenizer of a model folder is read from; a folder with none of them is weights-only.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
 def _maybe_tokenizer(folder: Path, config: ModelConfig):
+    """The folder's tokenizer; None for a weights-only folder (it still runs on token ids), and
+    None with a warning saying why when tokenizer files are there but cannot be used."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return load_tokenizer(folder, config.model_type)
-    except CheckpointError:
-        return None  # a weights-only folder still runs on token ids
+    except MinisqError as e:
+        warnings.warn(f"the tokenizer was dropped, the model runs on token ids only: {e}", stacklevel=3)
+        return None

@@ -28,7 +28,8 @@ import dataclasses
 
 import numpy as np
 
-from .checkpoint import bf16_to_float32
+from .dtypes import bf16_to_float32
+from .mapped import check_mapped
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _ELEM_NAMES = {"f2": "float16", "bf16": "bfloat16", "f4": "float32", "f8": "float64"}
@@ -74,8 +75,11 @@ class StoredTensor:
         return dataclasses.replace(self, transpose=not self.transpose)
 
     def materialize(self, dtype=np.float32) -> np.ndarray:
-        """The tensor in ``dtype``: a fresh, contiguous, writable array (exact widening)."""
+        """The tensor in ``dtype``: a fresh, contiguous, writable array (exact widening).
+        A memory-mapped tensor's file is checked first (:func:`~minisq.io.mapped.check_mapped`):
+        one changed since it was loaded gives a CheckpointError rather than a SIGBUS."""
         # [*shape] stored -> [*shape] dtype
+        check_mapped(self.data)
         a = self.data.T if self.transpose else self.data
         if self.elem == "bf16":
             a = bf16_to_float32(np.asarray(a))

@@ -16,7 +16,6 @@ module holds its row), not control flow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tokenizers
@@ -25,6 +24,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from ..errors import CheckpointError, ConfigError, InputError
 from ..families import FAMILIES
 from ..families.base import SpecialTokens
+from .jsonfile import read_json
 
 
 # The defaults HF's tokenizer_config.json gives each family (openai-community/gpt2 and
@@ -159,24 +159,26 @@ def _read_special_tokens(folder: Path, default: SpecialTokens) -> SpecialTokens:
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return default
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    config = read_json(path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} should hold a JSON object, not {type(config).__name__}")
 
     def token(key: str, fallback: str | None) -> str | None:
         value = config.get(key, fallback)
         # HF writes a token either as "</s>" or as an AddedToken dict {"content": "</s>", ...}.
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{path}: {key} must be a token string, got {value!r:.60}")
+        return value
 
     add_bos = config.get("add_bos_token", default.add_bos)
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise CheckpointError(f"{path}: add_bos_token must be true or false, got {add_bos!r:.60}")
     special = SpecialTokens(
         bos=token("bos_token", default.bos),
         eos=token("eos_token", default.eos),
         pad=token("pad_token", default.pad),
-        add_bos=None if add_bos is None else bool(add_bos),
+        add_bos=add_bos,
     )
     if (default.bos is not None and special.bos is None) or (default.eos is not None and special.eos is None):
         raise CheckpointError(f"{path} sets no bos_token or eos_token; minisq needs both")
@@ -197,7 +199,8 @@ def _complete_special_tokens(folder: Path, bpe: tokenizers.Tokenizer, special: S
     def name_of(key: str):
         token_id = ids.get(key)
         token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-        return None if not isinstance(token_id, int) else bpe.id_to_token(token_id)
+        valid = type(token_id) is int and 0 <= token_id < bpe.get_vocab_size(with_added_tokens=True)
+        return bpe.id_to_token(token_id) if valid else None
 
     add_bos, prepended = special.add_bos, None
     plain = bpe.encode("a", add_special_tokens=False).ids
@@ -219,10 +222,7 @@ def _complete_special_tokens(folder: Path, bpe: tokenizers.Tokenizer, special: S
 def _read_json_object(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    value = read_json(path)
     return value if isinstance(value, dict) else {}
 
 

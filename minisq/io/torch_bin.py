@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, UnsafePickleError
+from .mapped import map_file
 from .dtypes import CORRUPT, STORED_DTYPES, TORCH_STORAGES, decode, is_count
+
+
+# data.pkl holds only names, shapes and storage keys (about 200 bytes a tensor): 16 MB is
+# 80,000 tensors. No real record compresses better than MAX_DEFLATE_RATIO : 1.
+MAX_PICKLE_BYTES = 16 * 2 ** 20
+MAX_DEFLATE_RATIO = 100
+CONVERT = ("Re-save it as torch does (torch.save(torch.load(f, weights_only=True), f)), or convert it to "
+           "safetensors (e.g. in transformers: AutoModelForCausalLM.from_pretrained(folder)"
+           ".save_pretrained(new_folder))")
 
 
 class _StandIn:
@@ -245,7 +255,7 @@ def _unpickle_torch_zip(zf: zipfile.ZipFile, path: Path, lazy: bool = False):
     prefix = pkl_names[0][: -len("/data.pkl")]
     names = set(zf.namelist())
     has_byteorder = f"{prefix}/byteorder" in names  # absent in files of older torch: little
-    byteorder = zf.read(f"{prefix}/byteorder").decode() if has_byteorder else "little"
+    byteorder = _read_small(zf, path, f"{prefix}/byteorder", 16).decode() if has_byteorder else "little"
     if byteorder not in ("little", "big"):
         raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r:.20}; {CORRUPT}")
 
@@ -254,26 +264,44 @@ def _unpickle_torch_zip(zf: zipfile.ZipFile, path: Path, lazy: bool = False):
         if name not in names:
             raise CheckpointError(f"{path} has no storage record {name}; {CORRUPT}")
         dtype = np.dtype(STORED_DTYPES[elem]).newbyteorder("<" if byteorder == "little" else ">")
-        if zf.getinfo(name).file_size != numel * dtype.itemsize:  # checked before reading
+        info = zf.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED:   # a few KB of deflate can claim gigabytes
             raise CheckpointError(
-                f"{path}: storage record {name} is {zf.getinfo(name).file_size} bytes, not "
+                f"{path}: storage record {name} is compressed; torch.save writes its records "
+                f"uncompressed, and minisq reads only those. {CONVERT}")
+        if info.file_size != numel * dtype.itemsize or info.compress_size != info.file_size:  # before reading
+            raise CheckpointError(
+                f"{path}: storage record {name} is {info.file_size} bytes, not "
                 f"{numel} elements of {dtype.itemsize} bytes; {CORRUPT}")
         if lazy:
             return _mapped_record(zf, path, name, dtype, numel)
         return np.frombuffer(zf.read(name), dtype=dtype)
 
-    return _TensorUnpickler(zf.read(pkl_names[0]), path, read_record).load()
+    return _TensorUnpickler(_read_small(zf, path, pkl_names[0], MAX_PICKLE_BYTES), path, read_record).load()
+
+
+def _read_small(zf: zipfile.ZipFile, path: Path, name: str, limit: int) -> bytes:
+    """A zip record that must be small (data.pkl, byteorder): its size and compression ratio are
+    checked from the zip's directory before it is read, and no more than ``limit`` bytes are
+    ever decompressed, whatever the directory claims."""
+    info = zf.getinfo(name)
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > limit or ratio > MAX_DEFLATE_RATIO:
+        raise CheckpointError(
+            f"{path}: record {name} unpacks to {info.file_size} bytes from {info.compress_size} "
+            f"(a pickle of tensor names and shapes needs at most {limit} bytes, and compresses at most "
+            f"{MAX_DEFLATE_RATIO}:1); {CORRUPT}")
+    with zf.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: record {name} unpacks to more than {limit} bytes; {CORRUPT}")
+    return data
 
 
 def _mapped_record(zf: zipfile.ZipFile, path: Path, name: str, dtype: np.dtype, numel: int) -> np.ndarray:
     """A zip record's bytes as a read-only memory-mapped array (records must be stored, not
     compressed). Where the bytes start is read from the record's local header.  # -> [numel]"""
     info = zf.getinfo(name)
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise CheckpointError(
-            f"{path}: record {name} is compressed, so it cannot be memory-mapped: load without lazy=True, "
-            "or convert the checkpoint to safetensors (e.g. in transformers: "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder))")
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)
@@ -281,9 +309,9 @@ def _mapped_record(zf: zipfile.ZipFile, path: Path, name: str, dtype: np.dtype, 
             raise CheckpointError(f"{path}: bad local header for {name}; {CORRUPT}")
         start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
         file_size = os.fstat(f.fileno()).st_size
-    nbytes = numel * dtype.itemsize
-    if start + nbytes > file_size:
-        raise CheckpointError(f"{path}: record {name} runs past the end of the file; {CORRUPT}")
-    if nbytes == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(numel,))
+        nbytes = numel * dtype.itemsize
+        if start + nbytes > file_size:
+            raise CheckpointError(f"{path}: record {name} runs past the end of the file; {CORRUPT}")
+        if nbytes == 0:
+            return np.zeros(0, dtype=dtype)
+        return map_file(f, dtype, start, (numel,))
