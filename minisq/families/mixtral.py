@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io.storage import StoredTensor
 from ..nn import Linear
 from . import llama
-from .base import Mapping, self_attention, strip_prefix, Taker
+from .base import Mapping, self_attention, strip_prefix, Taker, TrackedState
 
 MODEL_TYPES = ("mixtral",)
 EMBEDDING = "embed_tokens"   # the token embedding [V, C] in the parameter tree
@@ -78,8 +78,11 @@ def _part(a, index):
 def hub_names(cfg: ModelConfig, state: dict) -> dict:
     """The state dict under the hub's expert names: transformers' stacked ``mlp.experts.gate_up_proj``
     ``[E, 2F, C]`` / ``down_proj`` ``[E, C, F]`` and ``mlp.gate`` become ``block_sparse_moe.experts.{e}.w1``
-    (the first F rows), ``w3`` (the last F), ``w2`` and ``block_sparse_moe.gate``."""
+    (the first F rows), ``w3`` (the last F), ``w2`` and ``block_sparse_moe.gate``. A tracked state
+    stays tracked: each slice counts as taken from the stacked tensor it comes from."""
     out, F = dict(state), cfg.ffn_dim
+    names = dict(getattr(state, "names", {}))
+    origin = lambda key: names.get(key, key)  # noqa: E731  (the tensor's name in the file)
     for i in range(cfg.num_layers):
         fused, hub = f"layers.{i}.mlp.", f"layers.{i}.block_sparse_moe."
         if fused + "experts.gate_up_proj" not in state:
@@ -89,11 +92,18 @@ def hub_names(cfg: ModelConfig, state: dict) -> dict:
             raise CheckpointError(f"layer {i}: the stacked experts hold {gate_up.shape[0]} experts and "
                                   f"{'no' if down is None else 'a'} down_proj; config.json says {cfg.num_experts}")
         out[hub + "gate.weight"] = out.pop(fused + "gate.weight", None)
+        names[hub + "gate.weight"] = origin(fused + "gate.weight")
         for e in range(cfg.num_experts):
             out[f"{hub}experts.{e}.w1.weight"] = _part(gate_up, (e, slice(0, F)))
             out[f"{hub}experts.{e}.w3.weight"] = _part(gate_up, (e, slice(F, 2 * F)))
             out[f"{hub}experts.{e}.w2.weight"] = _part(down, e)
-    return {k: v for k, v in out.items() if v is not None}
+            names[f"{hub}experts.{e}.w1.weight"] = names[f"{hub}experts.{e}.w3.weight"] = \
+                origin(fused + "experts.gate_up_proj")
+            names[f"{hub}experts.{e}.w2.weight"] = origin(fused + "experts.down_proj")
+    out = {k: v for k, v in out.items() if v is not None}
+    if isinstance(state, TrackedState):
+        return TrackedState(out, taken=state.taken, names=names)
+    return out
 
 
 def params_from_state_dict(cfg: ModelConfig, state: dict, dtype, source: str) -> dict:

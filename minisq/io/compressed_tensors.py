@@ -1,7 +1,6 @@
 """compressed-tensors ``int-quantized`` W8A8 checkpoints: write them, and read them back.
 
-Legend: C_in / C_out a linear's widths (minisq stores weights ``[C_in, C_out]``, Hugging Face
-``nn.Linear`` stores ``[C_out, C_in]``).
+Legend: C_in / C_out a linear's widths (minisq stores ``[C_in, C_out]``, HF ``[C_out, C_in]``).
 
 compressed-tensors is the format llm-compressor writes, vLLM serves (its
 ``CompressedTensorsW8A8Int8`` scheme) and transformers loads (with the ``compressed-tensors``
@@ -34,8 +33,7 @@ acts="per_tensor"             input_activations strategy "tensor", dynamic
 acts="static" (O3)            input_activations strategy "tensor", static
 ============================  ================================================
 
-Two notes on what engines compute. A dynamic "tensor" scale is taken over the whole input
-tensor (the batch), minisq's per-tensor scale over one sequence: they agree on a batch of one.
+What engines compute: a dynamic "tensor" scale is over the whole input (the batch), minisq's over one sequence.
 And compressed-tensors' dynamic "token" scale reduces every axis but the first two, so a 2-D
 input ``[N, C]`` (OPT's MLP in transformers, which flattens the tokens) gets one scale for all
 N tokens there; minisq quantizes per token, as the format says.
@@ -59,6 +57,8 @@ from ..nn import Linear
 from ..qlinear import W8A8Linear
 from ..tree import _map, _walk
 from .dtypes import float32_to_bf16
+from .hub import resolve_model_dir
+from .jsonfile import read_json
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "int-quantized"
@@ -197,8 +197,7 @@ def _source_config(model) -> dict | None:
     if not source:
         return None
     try:
-        from .hub import resolve_model_dir
-        return json.loads((resolve_model_dir(source) / "config.json").read_text(encoding="utf-8"))
+        return read_json(resolve_model_dir(source) / "config.json")
     except (OSError, ValueError, MinisqError):
         return None
 
@@ -359,20 +358,22 @@ def _matches(name: str, target: str) -> bool:
     return target in (name, "Linear")
 
 
+SCALE_SUFFIXES = (".weight_scale", ".input_scale")   # beside each weight; read per leaf, not by the family
+
+
 def load_compressed_tensors(folder, dtype: str = "float32") -> dict:
     """The fields of a :class:`~minisq.model.Model` from a compressed-tensors int-quantized
     W8A8 checkpoint: its int8 codes and scales go unchanged into :class:`W8A8Linear` leaves
     that evaluate by the format's rule (``convention="compressed-tensors"``).
 
-    Holds the whole checkpoint in memory, plus a float placeholder of each quantized weight
-    while the family builds its tree.
+    Holds the whole checkpoint in memory, plus a float placeholder of each quantized weight.
     """
     from .checkpoint import read_state_dict
     from .tokenizer import load_tokenizer
 
     folder = Path(folder)
     source = str(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_json(folder / "config.json")
     schemes = read_schemes(raw["quantization_config"], source)
     ignore = list(raw["quantization_config"].get("ignore") or [])
     config = read_config(folder)
@@ -381,7 +382,8 @@ def load_compressed_tensors(folder, dtype: str = "float32") -> dict:
     # what the family's reader expects: a float weight of the right shape in place of the codes
     placeholder = {k: np.zeros(v.shape, np.float32) for k, v in state.items()
                    if k.endswith(".weight") and v.dtype == np.int8}
-    params = params_from_state_dict(config, {**state, **placeholder}, compute, source=source)
+    float_state = {k: v for k, v in {**state, **placeholder}.items() if not k.endswith(SCALE_SUFFIXES)}
+    params = params_from_state_dict(config, float_state, compute, source=source)
     used, quantized_kinds = set(), set()
 
     def module_of(name):          # the checkpoint's module name of a minisq leaf
@@ -403,7 +405,7 @@ def load_compressed_tensors(folder, dtype: str = "float32") -> dict:
         return _w8a8_leaf(state, module, leaf, *scheme, compute, source)
 
     qparams = _map(params, swap, "")
-    stray = sorted(k for k in state if k.endswith((".weight_scale", ".input_scale")) and k.rsplit(".", 1)[0] not in used)
+    stray = sorted(k for k in state if k.endswith(SCALE_SUFFIXES) and k.rsplit(".", 1)[0] not in used)
     if stray:
         raise CheckpointError(f"{source}: scales for layers no config group quantizes: {stray[:3]}")
     weights, acts = sorted(quantized_kinds)[0] if len(quantized_kinds) == 1 else ("mixed", "mixed")
