@@ -21,14 +21,14 @@ The two activation statistics differ when a channel is pushed to one side: a cha
 values lie in [20, 24] has max|X| = 24 but max − min = 4. For a channel symmetric about 0,
 max − min = 2·max|X|, which the factor 2 on the weight side balances at α = 0.5.
 
-Mappings (:data:`MAPPINGS`): llm-compressor's registry gives Llama, Mistral and Qwen2
+Mappings (each family's ``LLMCOMPRESSOR_GROUPS``): llm-compressor's registry gives Llama, Mistral and Qwen2
 ``input_layernorm → q, k, v`` and ``post_attention_layernorm → gate, up`` (its
 ``DEFAULT_SMOOTHQUANT_MAPPINGS``), minisq's groups ``ln_qkv`` and ``ln_fc1``. OPT has no entry
 in the registry, and the default's Llama names match no OPT module, so llm-compressor smooths
 nothing there unless given mappings; minisq uses the ones its ``SmoothQuantModifier``
 docstring gives for OPT (``self_attn_layer_norm → q, k, v``, ``final_layer_norm → fc1``), the
-same two groups. (Its MoE entries, e.g. Mixtral's attention-only smoothing, belong to families
-minisq does not load here.)
+same two groups. Families without ``LLMCOMPRESSOR_GROUPS`` (its MoE and other entries have not
+been checked against minisq's rows) are refused.
 """
 
 from __future__ import annotations
@@ -36,23 +36,18 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CalibrationError, ConfigError
+from .families import family_for
 
 MINIMUM_SMOOTHING_SCALE = 1e-5   # llm-compressor's floor on s
 
-# model_type -> the minisq smoothing groups llm-compressor's mappings amount to
-MAPPINGS = {
-    "opt": ("ln_qkv", "ln_fc1"),        # the OPT recipe in SmoothQuantModifier's docstring
-    "llama": ("ln_qkv", "ln_fc1"),      # DEFAULT_SMOOTHQUANT_MAPPINGS (LlamaForCausalLM)
-    "mistral": ("ln_qkv", "ln_fc1"),    # MistralForCausalLM
-    "qwen2": ("ln_qkv", "ln_fc1"),      # Qwen2ForCausalLM
-}
-
-
 def llmcompressor_groups(config) -> tuple:
-    """The smoothing groups of llm-compressor's mappings for this model type."""
-    if config.model_type not in MAPPINGS:
-        raise ConfigError(f"no llm-compressor mappings for {config.model_type!r} in minisq; it has {sorted(MAPPINGS)}")
-    return MAPPINGS[config.model_type]
+    """The smoothing groups llm-compressor's mappings amount to for this model (its family's
+    ``LLMCOMPRESSOR_GROUPS``)."""
+    groups = getattr(family_for(config), "LLMCOMPRESSOR_GROUPS", None)
+    if groups is None:
+        raise ConfigError(f"no llm-compressor mappings for {config.model_type!r} in minisq (they are known for "
+                          "the OPT and Llama families)")
+    return groups
 
 
 def activation_range(stats, name: str):

@@ -322,6 +322,9 @@ def head(model, x, m):
 
 # --- smoothing: what may be folded into what ------------------------------------------------------
 
+# llm-compressor's mappings as minisq groups: its DEFAULT_SMOOTHQUANT_MAPPINGS (Llama, Mistral, Qwen2)
+LLMCOMPRESSOR_GROUPS = ("ln_qkv", "ln_fc1")
+
 SMOOTHING = (
     Mapping("ln_qkv", "layers.{i}.input_layernorm", "rmsnorm",
             ("layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"),

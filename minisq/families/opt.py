@@ -158,6 +158,9 @@ def head(model, x, m):
 
 # --- smoothing: what may be folded into what ------------------------------------------------------
 
+# llm-compressor's mappings as minisq groups: the OPT recipe in its SmoothQuantModifier docstring
+LLMCOMPRESSOR_GROUPS = ("ln_qkv", "ln_fc1")
+
 SMOOTHING = (
     Mapping("ln_qkv", "layers.{i}.self_attn_layer_norm", "layernorm",
             ("layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"),

@@ -298,8 +298,8 @@ def _write_tokenizer(model, folder: Path) -> None:
 def is_compressed_tensors(folder) -> bool:
     """Whether ``folder/config.json`` declares a compressed-tensors quantization_config."""
     try:
-        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_json(Path(folder) / "config.json")
+    except (OSError, MinisqError):
         return False
     q = raw.get("quantization_config") if isinstance(raw, dict) else None
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
