@@ -130,6 +130,13 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     seqs = as_sequences(model, calib)
     dst, L = Path(dst), model.config.num_layers
     run = _Run(model, dst, spec, alpha, smooth, groups, seqs)                 # checks every calibration id
+    if spec.group_size is not None:                                           # every layer has layer 0's shapes
+        from .baselines import check_group_size
+
+        prefix = model.family.LAYER_PREFIX.format(i=0)
+        for name, leaf in _walk(model.layer(0), prefix + "."):
+            if not spec.skips(name):
+                check_group_size(spec.group_size, leaf.w.shape[0], name)
     key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=smooth, groups=list(groups),
                quantization=spec.info(), calib=_calib_digest(seqs), layers=L)
     source = source_fingerprint(resolve_model_dir(src))

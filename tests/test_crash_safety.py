@@ -60,7 +60,7 @@ def in_child(fn) -> int:
         code = 0
         try:
             fn()
-        except BaseException:
+        except BaseException:  # noqa: BLE001  (any failure: report it through the exit code)
             traceback.print_exc()
             code = 3
         sys.stdout.flush()
