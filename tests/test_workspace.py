@@ -60,3 +60,30 @@ def test_the_workspace_is_one_bounded_buffer_whatever_the_shapes():
         assert local.buf.size == 256 * 64 <= int8_cpu.WORKSPACE_FLOATS
     finally:
         int8_cpu._WORKSPACE = saved
+
+
+def test_a_saved_w8a8_model_loaded_lazily_is_mapped_not_read(make_checkpoint, tmp_path):
+    """``minisq.load(saved, lazy=True)``: every int8 weight is a read-only view of the
+    memory-mapped shard (no copy in the program's memory), and the logits are the eagerly
+    loaded model's, bit for bit."""
+    import minisq
+
+    folder, _ = make_checkpoint("opt", seed=6)
+    m = minisq.load(folder)
+    q = minisq.quantize(m, "O1")
+    q.save(tmp_path / "q")
+    eager, mapped = minisq.load(tmp_path / "q"), minisq.load(tmp_path / "q", lazy=True)
+
+    def base(a):
+        while getattr(a, "base", None) is not None and not isinstance(a, np.memmap):
+            a = a.base
+        return a
+
+    for name, leaf in mapped.linears().items():
+        if isinstance(leaf, minisq.W8A8Linear):
+            assert isinstance(base(leaf.w_q), np.memmap) and not leaf.w_q.flags.writeable, name
+            assert not isinstance(base(eager.linears()[name].w_q), np.memmap), name
+    ids = np.random.default_rng(1).integers(0, 101, (2, 9))
+    np.testing.assert_array_equal(mapped(ids), eager(ids))
+    assert minisq.perplexity(mapped, ids[0], seq_len=4, progress=False) == \
+        minisq.perplexity(eager, ids[0], seq_len=4, progress=False)

@@ -133,10 +133,14 @@ def save_model(model, folder) -> Path:
     return folder
 
 
-def load_saved(folder) -> dict:
+def load_saved(folder, lazy: bool = False) -> dict:
     """Read a folder written by :func:`save_model`: the fields of a
-    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them)."""
+    :class:`~minisq.model.Model` (``minisq.load`` builds the model from them). ``lazy``
+    memory-maps the shards instead of reading them: the arrays are read-only views of the
+    files (page cache, not the program's memory), so a W8A8 model of any depth runs with
+    only its activations and one layer's GEMM workspace in memory."""
     from .checkpoint import read_safetensors
+    from .dtypes import decode
 
     folder = Path(folder)
     path = folder / "minisq.json"
@@ -153,7 +157,10 @@ def load_saved(folder) -> dict:
         if not (folder / shard).is_file():
             raise CheckpointError(f"{folder} lacks {shard}, which {path.name} lists: the saved model is "
                                   "incomplete (an interrupted copy or run?); save or quantize it again")
-        tensors.update(read_safetensors(folder / shard))
+        if lazy:   # read-only views of the file (no copy for int8, float16 and float32)
+            tensors.update({k: decode(a, elem) for k, (elem, a) in read_safetensors(folder / shard, lazy=True).items()})
+        else:
+            tensors.update(read_safetensors(folder / shard))
     try:
         config = ModelConfig.from_dict(meta["config"])
         params = _decode(meta["params"], tensors, str(folder))

@@ -45,7 +45,8 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     would read the whole file); a NaN shows up as a ``NonFiniteError`` from the forward pass.
 
     ``dtype`` is the compute dtype (float32 by default; float64 for equivalence checks).
-    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved.
+    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved
+    (with ``lazy=True``, its arrays are read-only memory-mapped views of its files).
     """
     dtype = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
     if dtype not in STORAGE_DTYPES:
@@ -55,7 +56,7 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     check_device(device)
     folder = resolve_model_dir(name_or_path)
     if (folder / "minisq.json").is_file():
-        model = Model(**load_saved(folder))
+        model = Model(**load_saved(folder, lazy=lazy))
         return model.to(device) if device != "cpu" else model
     config = read_config(folder)
     from .checkpoint import read_state_dict
