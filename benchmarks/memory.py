@@ -12,7 +12,10 @@ a memory-mapped file are page cache, not the program's memory) every 20 ms:
 * ``eager``: ``minisq.load(folder)`` (float32) + perplexity — skipped when the float32
   weights would not fit in the machine's memory;
 * ``lazy``: ``minisq.load(folder, lazy=True)`` + perplexity, layer by layer;
-* ``quantize``: ``minisq.quantize_checkpoint(folder, dst, calib, "O3")``.
+* ``quantize``: ``minisq.quantize_checkpoint(folder, dst, calib, "O3")``;
+* ``w8a8_lazy``: ``minisq.load(dst, lazy=True)`` + perplexity: the W8A8 result of
+  ``quantize``, evaluated layer by layer (needs ``quantize`` first, in this run or kept
+  from an earlier one with ``--keep``).
 
 Prints peak anonymous memory (GB), wall time and the ratio to the float32 model's size.
 The weights are random (synthetic): the numbers are about memory and time, not accuracy.
@@ -100,7 +103,19 @@ calib = [np.random.default_rng(i).integers(3, 50000, {seq_len}) for i in range({
 minisq.quantize_checkpoint({folder!r}, {dst!r}, calib, preset="O3", progress=False)
 print("done")
 """,
+    "w8a8_lazy": """
+import numpy as np, minisq
+m = minisq.load({dst!r}, lazy=True)
+ids = np.random.default_rng(0).integers(3, 50000, {tokens})
+print(minisq.perplexity(m, ids, seq_len={seq_len}, batch_size={batch}, progress=False))
+""",
 }
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
 
 
 def rss_anon(pid: int) -> int:
@@ -141,14 +156,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="windows per batch for perplexity")
     ap.add_argument("--calib", type=int, default=8, help="calibration sequences of --seq-len tokens")
-    ap.add_argument("--scenarios", default="eager,lazy,quantize")
+    ap.add_argument("--scenarios", default="eager,lazy,quantize,w8a8_lazy")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     args = ap.parse_args(argv)
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="minisq-memory-"))
     folder, dst = root / f"opt-6.7b-shapes-{args.layers}L", root / f"opt-6.7b-shapes-{args.layers}L-o3"
     t0 = time.perf_counter()
-    n_params = write_checkpoint(folder, args.layers)
+    if (folder / "config.json").is_file() and args.keep:     # kept from an earlier --keep run
+        n_params = sum(int(np.prod(v["shape"])) for f in folder.glob("*.safetensors")
+                       for k, v in _header(f).items() if k != "__metadata__")
+    else:
+        n_params = write_checkpoint(folder, args.layers)
     f32_gb = 4 * n_params / 1e9
     print(f"SYNTHETIC (random weights) OPT-6.7B-shaped checkpoint, {args.layers} layers: {n_params / 1e9:.2f}B "
           f"parameters, {2 * n_params / 1e9:.1f} GB float16 on disk, {f32_gb:.1f} GB in float32 "

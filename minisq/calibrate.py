@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +254,16 @@ def calibrate_layer(outer, i: int, layer, xs: list, inputs) -> CalibrationStats:
 def as_sequences(model, batches) -> list:
     """The calibration batches (texts, or id arrays ``[T]`` / ``[B, T]``) as a list of
     id arrays ``[B, T]``, each run on its own (no padding); empty ones are dropped."""
-    if isinstance(batches, (str, np.ndarray)):
+    if isinstance(batches, (str, np.ndarray)) or hasattr(batches, "__array__"):
         batches = [batches]
+    if batches is None or isinstance(batches, (bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise CalibrationError(f"the calibration set (calib) must be texts or token-id arrays, got "
+                               f"{type(batches).__name__}")
     seqs = []
     for item in batches:
+        if item is None or isinstance(item, (bytes, dict, numbers.Number)):
+            raise CalibrationError(f"a calibration batch must be a text or a token-id array, got "
+                                   f"{type(item).__name__}")
         if isinstance(item, str):
             if model.tokenizer is None:
                 raise CalibrationError("text calibration batches need the model's tokenizer; pass token ids")

@@ -17,11 +17,12 @@ What differs between architectures lives in one module per family (:mod:`minisq.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
 
-from . import nn
+from . import checks, nn
 from .backend import get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
@@ -235,11 +236,27 @@ class Model:
     def check_logits(self, logits) -> None:
         """Raise NonFiniteError for NaN/inf logits."""
         if not nn.all_finite(logits):
-            raise NonFiniteError(
-                f"the forward pass produced NaN/inf logits ({self.dtype}). In float16 this is the known "
-                "activation overflow of GPT-2/OPT (values beyond 65504): run in float32; otherwise check "
-                "the weights and inputs"
-            )
+            raise NonFiniteError(f"the forward pass produced NaN/inf logits ({self.dtype}): {self._non_finite_cause()}")
+
+    def _non_finite_cause(self) -> str:
+        """Why the logits are not finite: the config, the weights, and only then float16's range."""
+        c = self.config
+        if not c.layer_norm_eps >= 0:
+            return f"the config's normalization epsilon is {c.layer_norm_eps} (must be >= 0)"
+        theta = (c.rope or {}).get("rope_theta")
+        if theta is not None and not theta > 0:
+            return f"the config's rope_theta is {theta} (must be > 0)"
+        limit = float(np.finfo(self.dtype).max) if self.dtype == np.float16 else np.inf
+        for name, a in _float_arrays(self.params, ""):
+            a = to_numpy(a)
+            if not np.isfinite(a).all():
+                return f"the weight {name} holds NaN/inf values"
+            if np.abs(a).max(initial=0.0) > limit:
+                return f"the weight {name} holds values beyond float16's range (65504)"
+        if self.dtype == np.float16:
+            return ("the weights are finite, so this is the known float16 activation overflow of GPT-2/OPT "
+                    "(values beyond 65504): run in float32")
+        return "the weights and the config are finite: check the inputs"
 
     def _layers_forward(self, ids, positions, bias, m, cache, trace):
         # [B, T] ids, [B, T] positions, [B, 1, T, S] bias, [B, T] real-token mask m -> [B, T, V]:
@@ -301,7 +318,8 @@ class Model:
     def generate(self, prompt_or_ids, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = False):
         """Continue a prompt with the KV cache: greedy when ``temperature == 0``, else
-        sampling from ``softmax(logits / temperature)`` restricted to the ``top_k`` best.
+        sampling from ``softmax(logits / temperature)`` restricted to the ``top_k`` best. Every
+        argument, the context length and the KV cache's size are checked before anything runs.
 
         A string prompt (needs the tokenizer) gives back the whole text, prompt included.
         Token ids ``[T]`` or ``[B, T]`` give back the ids ``[.., T + new]``. A batch of
@@ -327,13 +345,19 @@ class Model:
                      top_k: int | None = None, seed: int | None = None, stop_at_eos: bool = False,
                      vocab_limit: int | None = None):
         # [B, T] int, [B, T] -> [B, T + new] int (NumPy); only ids < vocab_limit are picked
-        if temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k must be a positive integer or None, got {top_k}")
+        temperature = checks.real("temperature (0 = greedy)", temperature, 0.0)
+        top_k = None if top_k is None else checks.integer("top_k", top_k, 1)
+        max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, 0)
+        seed = None if seed is None else checks.integer("seed", seed, 0)
+        if not isinstance(stop_at_eos, (bool, np.bool_)):
+            raise ConfigError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
+        ids, mask, _ = self._check_inputs(ids, attention_mask, None)
+        (B, T), P = ids.shape, self.config.max_positions
+        if T + max_new_tokens > P:
+            raise InputError(f"the prompt's {T} tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                             f"context of {P} positions: pass max_new_tokens <= {P - T}")
+        _check_cache_fits(B * (T + max_new_tokens) * self.kv_cache_bytes_per_token(), self.device)
         rng = np.random.default_rng(seed)
-        ids = np.asarray(ids)
-        mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         eos = self.config.eos_token_id                # an id, or a list of ids (Llama 3), or None
         eos_ids = None if eos is None else np.atleast_1d(np.asarray(eos, np.int64))
         done = np.zeros(ids.shape[0], dtype=bool)
@@ -388,6 +412,31 @@ class Model:
         # stays a view of the embedding instead of becoming a second copy of the biggest matrix
         return self.evolve(params=_map_arrays(params, lambda a: a.astype(dtype, copy=False) if a.dtype.kind == "f"
                                               else a), info=info)
+
+
+def _float_arrays(node, name: str):
+    # (dotted name, array) for every float array held in memory below node (memory-mapped ones skipped)
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _float_arrays(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _float_arrays(v, f"{name}.{i}")
+    elif dataclasses.is_dataclass(node):                                       # a linear leaf
+        yield from _float_arrays({f.name: getattr(node, f.name) for f in dataclasses.fields(node)}, name)
+    elif hasattr(node, "dtype") and hasattr(node, "shape") and not is_stored(node) and node.dtype.kind == "f":
+        yield name, node
+
+
+def _check_cache_fits(nbytes: int, device: str) -> None:
+    """Refuse a KV cache bigger than the machine's free memory before reserving it."""
+    try:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if device == "cpu" else None
+    except (AttributeError, ValueError, OSError):      # no sysconf (Windows) or no such name
+        free = None
+    if free is not None and nbytes > free:
+        raise InputError(f"the KV cache would take {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} "
+                         "GiB free: generate fewer tokens or a smaller batch")
 
 
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:

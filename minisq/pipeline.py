@@ -26,8 +26,9 @@ attention scales   :func:`~minisq.attnquant.attention_quant`  :func:`minisq.quan
 bit for bit: the same batches go through the same block functions in the same order (the
 unsmoothed activations are carried beside the smoothed ones for that), and smoothing and
 quantization act on one layer at a time anyway. Killed at any point, it resumes after the
-last finished layer with the same result. The file-writing part (``_prepare_dst``,
-``_write_json``, ``_save_file``, the carry files) is kept apart from the algorithm.
+last finished layer with the same result. The file-writing part (durable writes, the run
+file, the source's fingerprint, the clean-up) is kept apart in :mod:`minisq.runfiles`; the
+order of the writes is in :func:`quantize_checkpoint`.
 """
 
 from __future__ import annotations
@@ -35,24 +36,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from . import checks
 from .attnquant import AttentionQuant, attention_quant
 from .calibrate import Recorder, as_sequences, calibrate_layer, observe
 from .errors import CheckpointError, ConfigError
 from .layerwise import embed_all
 from .progress import progress as show_progress
 from .qlinear import DEFAULT_SKIP, quant_spec, quantize_leaves
+from .runfiles import (
+    FORMAT,
+    RUN_FILE,
+    read_run,
+    remove,
+    save_file,
+    source_fingerprint,
+    write_durably,
+    write_json,
+    write_run,
+)
 from .smooth import resolve_groups, smooth_layer, smoothing_info, smoothing_rows
 from .tree import _walk
 
-RUN_FILE = "quantize_run.json"
-FORMAT = "minisq-quantize-run-v2"
+__all__ = ["RUN_FILE", "quantize_checkpoint"]
 
 
 def _calib_digest(seqs) -> str:
@@ -61,6 +73,19 @@ def _calib_digest(seqs) -> str:
         h.update(str(ids.shape).encode())
         h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
+
+
+def _carry(i: int) -> str:
+    return f"carry-{i:05d}.safetensors"
+
+
+def _scratch(num_layers: int) -> list:
+    """The names of every scratch file a run of ``num_layers`` layers may leave: the layer
+    notes, the carries and the temporary names of every file it writes."""
+    kept = ["model.safetensors", "info.safetensors", "tokenizer.json", "minisq.json"]
+    kept += [f"layer-{i:05d}.safetensors" for i in range(num_layers)]
+    notes = [f"layer-{i:05d}.json" for i in range(num_layers)] + [_carry(i) for i in range(num_layers)]
+    return notes + [n + ".tmp" for n in notes + kept + [RUN_FILE]]
 
 
 def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: bool = True, groups=None,
@@ -78,11 +103,16 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     Leaves outside the decoder layers that ``skip`` does not keep float (e.g. ``skip=()``
     quantizes the LM head) are quantized at the end, their static ranges observed on the
     carried activations. The result is bit-identical to the in-memory pipeline (see the
-    module docstring).
+    module docstring). Every argument (and every calibration id) is checked before
+    anything is written.
 
-    With ``resume`` (default), a ``dst`` holding an unfinished run *of the same arguments*
-    continues after its last finished layer, with the same result as an uninterrupted run;
-    a ``dst`` holding anything else is refused, so a later run never trusts foreign files.
+    With ``resume`` (default), a ``dst`` holding an unfinished run *of the same arguments
+    and the same source files* (size, mtime and a sampled hash of each, see
+    :mod:`minisq.runfiles`) continues after its last finished layer, with the same result
+    as an uninterrupted run, whatever file operation a kill interrupted; a ``dst`` holding
+    the finished result of the same run is left as it is (after finishing a clean-up a
+    kill interrupted) and said so; a ``dst`` holding anything else is refused, so a later
+    run never trusts foreign files.
 
     What it holds in memory: one layer in float32, the calibration activations (twice when
     smoothing: the unsmoothed ones give the smoothing statistics), and one layer's stats.
@@ -92,6 +122,7 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     layers are written to ``.<dst>.minisq-run`` beside it first (and resumed from there), then
     converted, holding the int8 model in memory once.
     """
+    from .io.hub import resolve_model_dir
     from .io.loading import load
 
     if preset is None:
@@ -99,6 +130,8 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
     if format not in ("minisq", "compressed-tensors"):
         raise ConfigError(f"format={format!r} is not one of ('minisq', 'compressed-tensors')")
     convention = "compressed-tensors" if format == "compressed-tensors" else "smoothquant"
+    alpha = checks.alpha(alpha)
+    smooth, resume = _flag("smooth", smooth), _flag("resume", resume)
     spec = quant_spec(preset, path=path, skip=DEFAULT_SKIP if skip is None else skip, attn_bmm=attn_bmm,
                       threshold=threshold, group_size=group_size, kv_cache=kv_cache, convention=convention)
     model = load(src, lazy=True)
@@ -112,95 +145,74 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
                               f"(this is {model.config.model_type}, preset {preset!r}, attn_bmm={attn_bmm!r})")
     groups = resolve_groups(model.config, groups)
     seqs = as_sequences(model, calib)
-    final, dst = Path(dst), Path(dst)
-    if format == "compressed-tensors":
+    final, dst, L = Path(dst), Path(dst), model.config.num_layers
+    if format == "compressed-tensors":     # the run works in a sibling folder, then converts
         dst = final.with_name(f".{final.name}.minisq-run")
-    key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=bool(smooth), groups=list(groups),
-               quantization=spec.info(), calib=_calib_digest(seqs), layers=model.config.num_layers)
-    done = _prepare_dst(dst, key, resume)
-    run = _Run(model, dst, spec, alpha, smooth, groups, seqs)
+        if not dst.exists() and final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise CheckpointError(f"{final} is not an empty folder: pass a new or empty one for the checkpoint")
+    run = _Run(model, dst, spec, alpha, smooth, groups, seqs)                 # checks every calibration id
+    if spec.group_size is not None:                                           # every layer has layer 0's shapes
+        from .baselines import check_group_size
+
+        prefix = model.family.LAYER_PREFIX.format(i=0)
+        for name, leaf in _walk(model.layer(0), prefix + "."):
+            if not spec.skips(name):
+                check_group_size(spec.group_size, leaf.w.shape[0], name)
+    key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=smooth, groups=list(groups),
+               quantization=spec.info(), calib=_calib_digest(seqs), layers=L)
+    source = source_fingerprint(resolve_model_dir(src))
+    state = read_run(dst, key, source)
+    if state is not None and state["finished"]:
+        remove(dst, state["scratch"])                                         # a clean-up a kill cut short
+        if state["scratch"]:
+            write_run(dst, key, source, L, finished=True)
+        if format == "compressed-tensors":                                    # killed while converting
+            return _to_compressed_tensors(dst, final)
+        print(f"{dst} already holds the finished result of this run; nothing to do: minisq.load({str(dst)!r})",
+              file=sys.stderr)
+        return dst
+    if state is not None and not resume:
+        raise CheckpointError(f"{dst} holds an unfinished run of these arguments and resume=False: "
+                              "pass resume=True to continue it, or delete the folder")
+    if state is None:
+        dst.mkdir(parents=True, exist_ok=True)
+        write_run(dst, key, source, 0)
+    done = 0 if state is None else state["layers_done"]
     run.start(done)
-    bar = show_progress(range(done, model.config.num_layers), progress, "quantizing layers")
+    bar = show_progress(range(done, L), progress, "quantizing layers")
     n_tokens = sum(int(ids.size) for ids in seqs)
     for i in bar:
         t0 = time.perf_counter()
-        run.layer(i)
-        _mark_done(dst, key, i + 1)
+        run.layer(i)                                  # layer i's files and carry i, on disk
+        write_run(dst, key, source, i + 1)            # then the run counts layer i
+        remove(dst, [_carry(i - 1)] if i else [])     # then the carry it no longer needs goes
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(tokens_per_s=f"{(2 if smooth else 1) * n_tokens / (time.perf_counter() - t0):.0f}")
     run.finish(src)
-    _write_json(dst / RUN_FILE, {"key": key, "layers_done": model.config.num_layers, "finished": True})
-    run.clean_up()
+    write_run(dst, key, source, L, finished=True, scratch=_scratch(L))
+    remove(dst, _scratch(L))                          # only the names this run writes
+    write_run(dst, key, source, L, finished=True)
     if format == "compressed-tensors":
-        from .io.compressed_tensors import save_compressed_tensors
-        save_compressed_tensors(load(dst), final)
-        shutil.rmtree(dst)
+        return _to_compressed_tensors(dst, final)
+    return dst
+
+
+def _to_compressed_tensors(work: Path, final: Path) -> Path:
+    """The finished run in ``work`` written to ``final`` as a compressed-tensors checkpoint
+    (into a temporary folder, then renamed), and ``work`` removed."""
+    from .io.compressed_tensors import is_compressed_tensors, save_compressed_tensors
+    from .io.loading import load
+
+    if not is_compressed_tensors(final):      # else a kill came after the rename: only clean up
+        save_compressed_tensors(load(work), final)
+    shutil.rmtree(work)
     return final
 
 
-# --------------------------------------------------------------------------------------------
-# the files: a run's key and progress, atomic writes
-
-
-def _prepare_dst(dst: Path, key: dict, resume: bool) -> int:
-    """How many layers of this very run ``dst`` already holds (0 for a new or empty folder);
-    refuses a folder holding anything else."""
-    run_file = dst / RUN_FILE
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst} is a file: pass a new or empty folder")
-    if dst.exists() and any(dst.iterdir()):
-        if not run_file.is_file():
-            raise CheckpointError(
-                f"{dst} is not empty and holds no {RUN_FILE}, so it is not a quantize_checkpoint run "
-                "to resume: pass a new or empty folder")
-        try:
-            run = json.loads(run_file.read_text())
-        except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested too deep
-            raise CheckpointError(f"{run_file} is unreadable ({e!r:.200}); delete {dst} and start again") from None
-        if not isinstance(run, dict) or run.get("key") != key:
-            theirs = run.get("key") if isinstance(run, dict) else None
-            raise CheckpointError(
-                f"{dst} holds a quantize_checkpoint run of other arguments ({_diff(theirs, key)}); "
-                "pass another folder, or delete this one to start again")
-        if run.get("finished"):
-            raise CheckpointError(f"{dst} already holds the finished result of this run: minisq.load({str(dst)!r})")
-        if not resume:
-            raise CheckpointError(f"{dst} holds an unfinished run of these arguments and resume=False: "
-                                  "pass resume=True to continue it, or delete the folder")
-        done = run.get("layers_done", 0)
-        if not (isinstance(done, int) and 0 <= done <= key["layers"]):
-            raise CheckpointError(f"{run_file} is damaged (layers_done={done!r}); delete {dst} and start again")
-        return done
-    dst.mkdir(parents=True, exist_ok=True)
-    _write_json(run_file, {"key": key, "layers_done": 0, "finished": False})
-    return 0
-
-
-def _diff(theirs, ours) -> str:
-    if not isinstance(theirs, dict):
-        return "unreadable"
-    keys = [k for k in ours if theirs.get(k) != ours[k]]
-    return "; ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in keys[:3]) or "format"
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)          # atomic: a kill leaves the old file or the new one
-
-
-def _mark_done(dst: Path, key: dict, layers_done: int) -> None:
-    _write_json(dst / RUN_FILE, {"key": key, "layers_done": layers_done, "finished": False})
-
-
-def _save_file(tensors: dict, path: Path) -> None:
-    """safetensors, written to a temporary name and renamed: a kill never leaves half a file
-    under the real name."""
-    from safetensors.numpy import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 class _Run:
@@ -223,7 +235,8 @@ class _Run:
             return
         from .io.checkpoint import read_safetensors
 
-        path = self.dst / f"carry-{done - 1:05d}.safetensors"
+        remove(self.dst, [_carry(done - 2)] if done >= 2 else [])   # left by a kill before its deletion
+        path = self.dst / _carry(done - 1)
         if not path.is_file():
             raise CheckpointError(f"{self.dst}: the run says {done} layers are done but {path.name} is missing; "
                                   "delete the folder and start again")
@@ -233,13 +246,12 @@ class _Run:
         self.smooth_xs = [arrays[f"smoothed.{j}"] for j in range(n)] if self.smooth else list(self.float_xs)
 
     def _save_carry(self, i: int) -> None:
+        """The activations leaving layer i (the previous carry is deleted by the caller, once
+        the run file counts layer i)."""
         tensors = {f"float.{j}": x for j, x in enumerate(self.float_xs)}
         if self.smooth:
             tensors.update({f"smoothed.{j}": x for j, x in enumerate(self.smooth_xs)})
-        _save_file(tensors, self.dst / f"carry-{i:05d}.safetensors")
-        old = self.dst / f"carry-{i - 1:05d}.safetensors"
-        if old.exists():
-            old.unlink()
+        save_file(tensors, self.dst / _carry(i))
 
     # --- one layer: the algorithm's steps, then its files -------------------------------------
     def layer(self, i: int) -> None:
@@ -262,8 +274,8 @@ class _Run:
         note = {"skeleton": skeleton, "factors": list(factors)}
         if self.spec.attn_bmm is not False and self.spec.acts == "static":
             note["qkv_absmax"] = [float(a) for a in stats.qkv_absmax(self.model, i)]
-        _save_file(tensors, self.dst / f"layer-{i:05d}.safetensors")
-        _write_json(self.dst / f"layer-{i:05d}.json", note)
+        save_file(tensors, self.dst / f"layer-{i:05d}.safetensors")
+        write_json(self.dst / f"layer-{i:05d}.json", note)
         self._save_carry(i)
 
     def _outer_params(self) -> dict:
@@ -297,7 +309,7 @@ class _Run:
         outer_params = self._outer_params()
         tensors: dict = {}
         outer_skeleton = _encode(outer_params, "", tensors, self.outer._embedding())["dict"]
-        _save_file(tensors, self.dst / "model.safetensors")
+        save_file(tensors, self.dst / "model.safetensors")
         notes = [json.loads((self.dst / f"layer-{i:05d}.json").read_text()) for i in range(L)]
         layer_skeletons = [note["skeleton"] for note in notes]
         factor_names = [name for note in notes for name in note["factors"]]
@@ -320,15 +332,10 @@ class _Run:
             attn = _encode(fields, "attn_quant", info_tensors)
         shards = ["model.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(L)]
         if info_tensors:   # the static attention scales
-            _save_file(info_tensors, self.dst / "info.safetensors")
+            save_file(info_tensors, self.dst / "info.safetensors")
             shards.insert(1, "info.safetensors")
         meta = dict(format=MODEL_FORMAT, config=model.config.to_dict(), params=skeleton, info=info_skeleton,
                     attn_quant=attn, tokenizer=model.tokenizer is not None, shards=shards)
         if model.tokenizer is not None:
-            model.tokenizer.bpe.save(str(self.dst / "tokenizer.json"))
-        _write_json(self.dst / "minisq.json", meta)
-
-    def clean_up(self) -> None:
-        """After the run is marked finished: drop the per-layer notes and the last carry."""
-        for path in list(self.dst.glob("layer-*.json")) + list(self.dst.glob("carry-*.safetensors")):
-            path.unlink()
+            write_durably(self.dst / "tokenizer.json", lambda tmp: model.tokenizer.bpe.save(str(tmp)))
+        write_json(self.dst / "minisq.json", meta)

@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from . import checks
 from .backend import get_array_module, to_numpy
 from .conventions import activation_range, llmcompressor_factors, llmcompressor_groups
 from .errors import CalibrationError, ConfigError
@@ -26,7 +27,6 @@ from .families import FAMILIES, family_for
 from .families.base import Mapping  # noqa: F401  (the row type, public here)
 from .nn import Linear
 from .tree import get_param, replace_param
-
 
 # Each family's rows (minisq/families/<family>.py: SMOOTHING, NOT_FOLDABLE), by model_type.
 SMOOTHING_TABLE = {model_type: family.SMOOTHING for model_type, family in FAMILIES.items()}
@@ -137,6 +137,7 @@ def smooth(model, stats, alpha=0.5, groups=DEFAULT_GROUPS, convention: str = "sm
     if model.lazy:
         raise ConfigError("a lazy (memory-mapped) model is smoothed layer by layer by minisq.quantize_checkpoint; "
                           "to smooth it in memory, load it with lazy=False")
+    alpha = checks.alpha(alpha)
     stats.check_matches(model)
     if model.stored:   # float16/bfloat16 weights: smooth in the compute dtype (exact, and held in memory)
         model = model.astype(model.dtype).evolve(info=model.info)
@@ -292,7 +293,8 @@ def search_alpha(model, stats, grid=ALPHA_GRID, preset: str = "O1", groups=DEFAU
         raise CalibrationError("search_alpha needs input samples: calibrate(model, batches, keep_samples=256)")
     stats.check_matches(model)
     granularity = PRESETS[preset]
-    grid = sorted(set(float(a) for a in grid) | {float(global_alpha)})
+    global_alpha = checks.alpha(global_alpha, "global_alpha")
+    grid = sorted({checks.alpha(a, "every alpha of grid") for a in grid} | {global_alpha})
     chosen, errors = {}, {}
     for m in mappings_for(model.config, groups):
         X = stats.samples[m.targets[0]].astype(np.float64)                  # [n, C_in]

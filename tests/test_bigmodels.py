@@ -195,8 +195,7 @@ def test_quantize_checkpoint_refuses_what_it_cannot_trust(fp16_ckpt, tmp_path):
     with pytest.raises(minisq.CheckpointError, match="not a quantize_checkpoint run"):
         minisq.quantize_checkpoint(folder, tmp_path / "other", CALIB, progress=False)
     done = minisq.quantize_checkpoint(folder, tmp_path / "done", CALIB, progress=False)
-    with pytest.raises(minisq.CheckpointError, match="finished"):
-        minisq.quantize_checkpoint(folder, done, CALIB, progress=False)
+    assert minisq.quantize_checkpoint(folder, done, CALIB, progress=False) == done   # finished: a no-op
     with pytest.raises(minisq.CheckpointError, match="other arguments.*alpha"):
         minisq.quantize_checkpoint(folder, done, CALIB, alpha=0.7, progress=False)
     with pytest.raises(minisq.CalibrationError, match="empty"):
@@ -299,4 +298,4 @@ def test_quantize_command_exit_codes(shared_data, tmp_path, make_checkpoint):
     missing = run(tmp_path / "nope", tmp_path / "q3")
     assert missing.returncode == 1 and "error:" in missing.stderr and "Traceback" not in missing.stderr
     again = run(folder, tmp_path / "q", "--calib-samples", "4", "--seq-len", "32")
-    assert again.returncode == 1 and "finished" in again.stderr
+    assert again.returncode == 0 and "already holds the finished result" in again.stderr   # a no-op, said so

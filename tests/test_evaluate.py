@@ -94,7 +94,7 @@ def test_perplexity_errors(make_checkpoint):
     model = minisq.load(make_checkpoint("gpt2")[0])
     with pytest.raises(minisq.InputError, match="too few"):
         perplexity(model, np.arange(10), seq_len=32, progress=False)
-    with pytest.raises(minisq.InputError, match="stride"):
+    with pytest.raises(minisq.InputError, match="seq_len must be <= 64"):
         perplexity(model, np.arange(100), seq_len=128, progress=False)
     with pytest.raises(minisq.InputError, match="tokenizer"):
         perplexity(model.evolve(tokenizer=None), "some text", progress=False)

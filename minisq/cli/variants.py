@@ -15,7 +15,6 @@ accuracy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -131,19 +130,14 @@ class Builder:
 
     def streamed(self, key: str, work: Path):
         """The row's model written layer by layer by :func:`minisq.quantize_checkpoint` into
-        ``work`` (a finished run found there is reused; an unfinished one of the same arguments
+        ``work`` (a finished run of the same arguments there is a no-op; an unfinished one
         resumes) and loaded from it. Holds one float layer at a time, then the int8 model."""
-        from ..pipeline import RUN_FILE
-
         v = VARIANTS[key]
         if v.preset not in PRESETS or v.options:
             raise ConfigError(f"{v.label!r} cannot be made from a lazy model: minisq.quantize_checkpoint writes "
                               f"SmoothQuant's presets {sorted(PRESETS)} only; load the model eagerly for this row")
-        run_file = Path(work) / RUN_FILE
-        finished = run_file.is_file() and json.loads(run_file.read_text()).get("finished") is True
-        if not finished:
-            quantize_checkpoint(self.folder, work, self.calib, preset=v.preset, alpha=self.alpha, smooth=v.smoothed,
-                                groups=smoothing_groups(self.model), attn_bmm=self.attn_bmm, progress=self.progress)
+        quantize_checkpoint(self.folder, work, self.calib, preset=v.preset, alpha=self.alpha, smooth=v.smoothed,
+                            groups=smoothing_groups(self.model), attn_bmm=self.attn_bmm, progress=self.progress)
         return load(work)
 
 

@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from .. import checks
 from ..backend import to_numpy
 from ..errors import InputError
 from ..nn import log_softmax
@@ -49,6 +50,10 @@ def _token_ids(model, text_or_ids) -> np.ndarray:
         raise InputError(f"perplexity takes one token stream [N], got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):   # 10.7 is no token: never truncated to 10
         raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+    V = model.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = int(ids[(ids < 0) | (ids >= V)][0])
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {V})")
     return ids.astype(np.int64)
 
 
@@ -72,16 +77,19 @@ def perplexity(model, text, seq_len: int | None = None, stride: int | None = Non
                max_tokens: int | None = None, batch_size: int = 1, progress: bool = True) -> float:
     """``exp(mean NLL)`` of ``text`` (a string, tokenized once, or a token id stream [N]).
 
-    ``seq_len`` defaults to the model's context; ``stride`` to ``seq_len`` (non-overlapping
-    windows); ``max_tokens`` keeps only the first tokens (for quick runs).
+    ``seq_len`` (2 to the model's context, its default); ``stride`` (1 to ``seq_len``, its
+    default: non-overlapping windows); ``max_tokens`` keeps only the first tokens (for quick
+    runs); ``batch_size`` windows per forward pass. All are checked before anything runs.
     """
+    P = model.config.max_positions
+    L = P if seq_len is None else checks.integer("seq_len", seq_len, 2, P, error=InputError)
+    stride = L if stride is None else checks.integer("stride", stride, 1, L, error=InputError)
+    if max_tokens is not None:
+        max_tokens = checks.integer("max_tokens", max_tokens, 2, error=InputError)
+    batch_size = checks.integer("batch_size", batch_size, 1, error=InputError)
     ids = _token_ids(model, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    L = seq_len or model.config.max_positions
-    stride = stride or L
-    if not 0 < stride <= L or L > model.config.max_positions:
-        raise InputError(f"need 0 < stride ({stride}) <= seq_len ({L}) <= context ({model.config.max_positions})")
     if len(ids) < 2 or (stride == L and len(ids) < L):
         raise InputError(f"{len(ids)} tokens are too few for one window of {L}; lower seq_len")
     spans = windows(len(ids), L, stride)
@@ -126,8 +134,7 @@ def last_word_correct(model, pairs, batch_size: int = 8, progress: bool = True,
     """
     if metric not in LAMBADA_METRICS:
         raise InputError(f"metric={metric!r} is not one of {LAMBADA_METRICS}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = checks.integer("batch_size", batch_size, 1, error=InputError)
     correct = np.zeros(len(pairs), dtype=bool)
     P = model.config.max_positions
     order = list(range(len(pairs)))

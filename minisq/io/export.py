@@ -154,15 +154,19 @@ def config_fingerprint(config: dict) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
-def load_saved(folder) -> dict:
+def load_saved(folder, lazy: bool = False) -> dict:
     """Read a folder written by :func:`save_model`: the fields of a
     :class:`~minisq.model.Model` (``minisq.load`` builds the model from them).
 
     minisq.json is checked against the tensors it describes: its config must be valid (types
     and ranges, as for a config.json), equal to the config recorded in the tensors' file when
     there is one, and agree with the tree (as many layers as ``num_layers``, an embedding of
-    ``[V, E]``); every leaf's settings must be ones minisq knows."""
+    ``[V, E]``); every leaf's settings must be ones minisq knows. ``lazy`` memory-maps the
+    shards instead of reading them: the arrays are read-only views of the files (page cache,
+    not the program's memory), so a W8A8 model of any depth runs with only its activations
+    and one GEMM workspace in memory."""
     from .checkpoint import read_safetensors, read_safetensors_metadata
+    from .dtypes import decode
 
     folder = Path(folder)
     path = folder / "minisq.json"
@@ -184,7 +188,10 @@ def load_saved(folder) -> dict:
             raise CheckpointError(f"{path}: its config differs from the one {shard} was saved with "
                                   f"({_config_diff(parse_json(recorded.encode(), shard), meta.get('config'))}); "
                                   "minisq.json was edited: restore it or save the model again")
-        tensors.update(read_safetensors(folder / shard))
+        if lazy:   # read-only views of the file (no copy for int8, float16 and float32)
+            tensors.update({k: decode(a, elem) for k, (elem, a) in read_safetensors(folder / shard, lazy=True).items()})
+        else:
+            tensors.update(read_safetensors(folder / shard))
     try:
         config = ModelConfig.from_dict(meta["config"])
         params = _decode(meta["params"], tensors, str(folder))

@@ -47,8 +47,9 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     would read the whole file); a NaN shows up as a ``NonFiniteError`` from the forward pass.
 
     ``dtype`` is the compute dtype (float32 by default; float64 for equivalence checks).
-    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved,
-    and a compressed-tensors int-quantized W8A8 checkpoint as a W8A8 model
+    A folder written by ``model.save`` (smoothed or quantized) is loaded back as it was saved
+    (with ``lazy=True``, its arrays are read-only memory-mapped views of its files), and a
+    compressed-tensors int-quantized W8A8 checkpoint as a W8A8 model
     (:mod:`minisq.io.compressed_tensors`).
     """
     try:
@@ -64,7 +65,7 @@ def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu", 
     check_device(device)
     folder = resolve_model_dir(name_or_path)
     if (folder / "minisq.json").is_file():
-        model = Model(**load_saved(folder))
+        model = Model(**load_saved(folder, lazy=lazy))
         return model.to(device) if device != "cpu" else model
     if is_compressed_tensors(folder):   # W8A8 from llm-compressor or model.save(format="compressed-tensors")
         if lazy or dtype not in ("float32", "float64"):

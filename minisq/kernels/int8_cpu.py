@@ -42,37 +42,54 @@ def float32_sums(a, b32, out=None):
     """
     # [..., M, K] int8, [..., K, N] float32 -> [..., M, N] float32 (exact integers; out if given) or None
     a32 = a.astype(np.float32)
-    if a.shape[-1] > BLOCK_K:
-        # |a| <= 128 and K <= minisq.gemm.MAX_K keep these float32 row sums below 2^24: exact
-        row_l1 = np.abs(a32).sum(axis=-1)
-        if row_l1.size and float(row_l1.max()) * 128 > 2**24:
-            return None
-    return np.matmul(a32, b32, out=out)
+    return np.matmul(a32, b32, out=out) if _one_call_exact(a32) else None
 
 
-# One reusable float32 buffer per weight shape (and per thread): converting an int8 weight
-# into a fresh array on every call pays the kernel's page faults and zeroing of each new
-# allocation, which made the W8A8 forward's time swing by 10-20%. This is a workspace, not
-# a float32 copy of the weights: one buffer per distinct shape (GPT-2 small: 4 shapes, 30
-# MiB; OPT-6.7B: 4 shapes, 1 GiB), overwritten by every call.
+def _one_call_exact(a32) -> bool:
+    """Whether every partial sum of ``a32 @ b`` stays within float32's integers for any int8
+    ``b`` (see :func:`float32_sums`)."""
+    # [..., M, K] float32 (int8 values) -> bool
+    if a32.shape[-1] <= BLOCK_K:
+        return True
+    # |a| <= 128 and K <= minisq.gemm.MAX_K keep these float32 row sums below 2^24: exact
+    row_l1 = np.abs(a32).sum(axis=-1)
+    return not (row_l1.size and float(row_l1.max()) * 128 > 2**24)
+
+
+# One reusable float32 buffer per thread, of bounded size: a weight is converted a block of
+# columns at a time into it (:func:`column_blocks`). Converting an int8 weight into a fresh
+# array on every call pays the kernel's page faults and zeroing of each new allocation,
+# which made the W8A8 forward's time swing by 10-20%; keeping a whole float32 copy per
+# weight shape instead held ~0.6 GiB per thread for OPT-6.7B's shapes. WORKSPACE_FLOATS
+# (64 MiB) bounds what a W8A8 linear holds beside its operands, whatever the model's size.
+WORKSPACE_FLOATS = 2**24
 _WORKSPACE = threading.local()
 
 
+def _workspace(n: int):
+    # [n] float32: this thread's buffer (grown to the largest n asked, reused after)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.size < n:
+        _WORKSPACE.buf = None                       # the old one is freed before the new one is made
+        buf = _WORKSPACE.buf = np.empty(n, np.float32)
+    return buf[:n]
+
+
+def column_blocks(K: int, N: int) -> list:
+    """``(n0, n1)`` column ranges of a ``[K, N]`` weight, each of at most WORKSPACE_FLOATS
+    elements (at least one column): the blocks converted to float32 one at a time."""
+    nb = max(1, min(N, WORKSPACE_FLOATS // max(K, 1)))
+    return [(n0, min(n0 + nb, N)) for n0 in range(0, N, nb)]
+
+
 def as_float32(b, threaded: bool = False):
-    # [K, N] int8 -> [K, N] float32, in this thread's buffer for the shape (valid until the next call)
-    # threaded=True converts with the rows over the cores: for a GEMM minisq then also shares
-    # out itself (a GEMM left to BLAS's own threads leaves them spinning, and a threaded
-    # conversion right after would fight them for the cores)
+    # [K, N] int8 (or a view of its columns) -> [K, N] float32 in this thread's workspace (valid
+    # until the next call). threaded=True converts with the rows over the cores: for a GEMM
+    # minisq then also shares out itself (a GEMM left to BLAS's own threads leaves them
+    # spinning, and a threaded conversion right after would fight them for the cores)
     if b.ndim != 2:
         return b.astype(np.float32)
-    buffers = getattr(_WORKSPACE, "buffers", None)
-    if buffers is None:
-        buffers = _WORKSPACE.buffers = {}
-    buf = buffers.get(b.shape)
-    if buf is None:
-        if len(buffers) >= 8:
-            buffers.clear()
-        buf = buffers[b.shape] = np.empty(b.shape, np.float32)
+    buf = _workspace(b.size).reshape(b.shape)
     if threaded:
         threads.split_rows(_copy_into, b, buf)   # int8 -> float32, exact
     else:
@@ -85,8 +102,9 @@ def _copy_into(src, dst):
 
 
 def int8_matmul(a, b):
-    """Exact int8 matmul through float32 BLAS (sgemm): one call when the data allows it
-    (:func:`float32_sums`), else over K-blocks of 1024.
+    """Exact int8 matmul through float32 BLAS (sgemm): one call per column block of ``b``
+    (:func:`column_blocks`) when the data allows it (:func:`float32_sums`), else over
+    K-blocks of 1024.
 
     NumPy's integer matmul has no BLAS behind it and is 100-200x slower than sgemm, so the
     integers are multiplied as float32 instead. This is exact, not approximate:
@@ -103,13 +121,20 @@ def int8_matmul(a, b):
     speed; the blocks cost one int32 add of the [M, N] output per 1024 of K.) The K-blocks
     are converted into two reused float32 buffers rather than converting all of A and B at
     once: the same arithmetic, less fresh memory to fault in (which dominates the overhead
-    on small shapes, and on VMs where page faults are expensive).
+    on small shapes, and on VMs where page faults are expensive). Column blocks change
+    nothing in the arithmetic: each output column is one sum over all of K either way.
     """
     # [..., M, K] int8, [..., K, N] int8 -> [..., M, N] int32  (same leading axes)
-    part = float32_sums(a, as_float32(b))
-    if part is not None:
-        return part.astype(np.int32)  # exact: part holds integers of magnitude <= 2^24
-    return int8_matmul_blocked(a, b)
+    if b.ndim != 2:
+        part = float32_sums(a, as_float32(b))
+        return int8_matmul_blocked(a, b) if part is None else part.astype(np.int32)
+    (K, N), a32 = b.shape, a.astype(np.float32)
+    if not _one_call_exact(a32):
+        return int8_matmul_blocked(a, b)
+    out = np.empty(a.shape[:-1] + (N,), np.float32)                     # [..., M, N] exact sums
+    for n0, n1 in column_blocks(K, N):
+        np.matmul(a32, as_float32(b[:, n0:n1]), out=out[..., n0:n1])
+    return out.astype(np.int32)  # exact: out holds integers of magnitude <= 2^24
 
 
 def int8_matmul_blocked(a, b):
@@ -154,27 +179,39 @@ def int8_linear(a2, b, r, c, bias, compute):
     It skips a round trip: when one float32 BLAS call is exact (:func:`float32_sums`), its
     float32 result already holds the int32 accumulator's exact values, and the epilogue
     scales it in place instead of converting it to int32 and back (two passes over the
-    output and a fresh array saved). Rows are independent from the GEMM to the epilogue, so
-    each core takes a block of rows through all of it
-    (:func:`minisq.kernels.threads.run_row_blocks`); the sums are exact and each output
-    element gets the same three operations however the rows are cut.
+    output and a fresh array saved). The weight is converted a block of columns at a time
+    into one bounded workspace (:func:`column_blocks`); rows are independent from the GEMM
+    to the epilogue, so for each column block every core takes a block of rows through all
+    of it (:func:`minisq.kernels.threads.run_row_blocks`). The sums are exact and each output
+    element gets the same three operations however the rows and columns are cut.
     """
     # [M, K] int8, [K, N] int8, [M, 1] | [] compute, [N] | [1, N] | [] compute, [N] | None -> [M, N] compute
     (M, K), N = a2.shape, b.shape[1]
     blocks = threads.row_blocks(M, M * K * N)                   # one per thread, or one for all
-    b32 = as_float32(b, threaded=len(blocks) > 1)               # [K, N] float32 (exact), shared
     y = np.empty((M, N), compute)                               # [M, N]
+    a32 = np.empty((M, K), np.float32)                          # [M, K] the int8 codes, exactly
+    threads.split_rows(_copy_into, a2, a32) if len(blocks) > 1 else np.copyto(a32, a2, casting="unsafe")
+    if not _one_call_exact(a32):                                # adversarial rows: K-blocks of 1024
+        def blocked(i):
+            i0, i1 = i
+            np.copyto(y[i0:i1], int8_matmul_blocked(a2[i0:i1], b), casting="unsafe")
+            epilogue_into(y[i0:i1], r[i0:i1] if r.ndim else r, c, bias)
+        threads.run_row_blocks(blocked, blocks)
+        return y
+    for n0, n1 in column_blocks(K, N):
+        b32 = as_float32(b[:, n0:n1], threaded=len(blocks) > 1)   # [K, nb] float32 (exact), shared
+        c_n = c[..., n0:n1] if c.ndim else c
+        bias_n = None if bias is None else bias[n0:n1]
 
-    def rows(i):
-        # rows i0:i1 of the layer, start to finish: exact sums into y's rows, then the epilogue
-        i0, i1 = i
-        y_rows = y[i0:i1]
-        sums = float32_sums(a2[i0:i1], b32, out=y_rows if compute == np.float32 else None)
-        if sums is None:
-            sums = int8_matmul_blocked(a2[i0:i1], b)            # int32
-        if sums is not y_rows:
-            np.copyto(y_rows, sums, casting="unsafe")           # exact for float64; as astype for float32
-        epilogue_into(y_rows, r[i0:i1] if r.ndim else r, c, bias)
+        def rows(i, b32=b32, c_n=c_n, bias_n=bias_n, n0=n0, n1=n1):
+            # rows i0:i1 of this column block, start to finish: exact sums into y, then the epilogue
+            i0, i1 = i
+            y_rows = y[i0:i1, n0:n1]
+            if compute == np.float32:
+                np.matmul(a32[i0:i1], b32, out=y_rows)
+            else:
+                np.copyto(y_rows, np.matmul(a32[i0:i1], b32))      # exact for float64
+            epilogue_into(y_rows, r[i0:i1] if r.ndim else r, c_n, bias_n)
 
-    threads.run_row_blocks(rows, blocks)
+        threads.run_row_blocks(rows, blocks)
     return y

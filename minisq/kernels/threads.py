@@ -192,11 +192,12 @@ def split_rows(fn, x, out):
 
     For functions ``fn(x, out)`` that write each row of ``out`` from the same row of ``x``
     (elementwise passes, dtype conversions): the result is the same bit for bit, only
-    faster. CuPy arrays, small arrays and non-contiguous ones get one plain call.
+    faster. CuPy arrays, small arrays and non-contiguous ones of more than 2 axes get one
+    plain call.
     # [..., N], [..., N] -> out
     """
     if (get_array_module(x) is not np or x.size < PARALLEL_MIN_ELEMENTS or x.ndim == 0
-            or not (x.flags.c_contiguous and out.flags.c_contiguous)):
+            or not ((x.flags.c_contiguous and out.flags.c_contiguous) or (x.ndim == 2 and out.ndim == 2))):
         fn(x, out)
         return out
     x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])   # views, no copies
