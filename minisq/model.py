@@ -3,15 +3,12 @@
 Legend: B batch, T new tokens, S tokens attended to (past + new), C hidden, H heads,
 D head dim, F MLP width, V vocab, E token-embedding width (= C except opt-350m).
 
-The parameters are nested dicts under the checkpoint's own names (``h.3.attn.c_attn``
-for GPT-2, ``layers.3.self_attn.q_proj`` for OPT), with one kind of leaf for every linear
-layer (see :mod:`minisq.nn`): ``model.linears()`` lists them by dotted name and
-``model.replace_linears(fn)`` returns a new model with some of them swapped, which is all
-that calibration and quantization need. A model is never changed in place.
-
+The parameters are nested dicts under the checkpoint's own names (``h.3.attn.c_attn`` for
+GPT-2, ``layers.3.self_attn.q_proj`` for OPT), one kind of leaf per linear (:mod:`minisq.nn`):
+``model.linears()`` lists them by dotted name, ``model.replace_linears(fn)`` returns a new model
+with some swapped, which is all calibration and quantization need. Never changed in place.
 What differs between architectures lives in one module per family (:mod:`minisq.families`):
-``Model.forward`` is the family's ``embed``, then its ``block`` for every layer, then its
-``head``.
+``Model.forward`` is the family's ``embed``, its ``block`` for every layer, then its ``head``.
 """
 
 from __future__ import annotations
