@@ -20,8 +20,8 @@ listed tests were not found, or with ``--baseline`` fail unmutated: refresh the 
 as it is (``--baseline`` checks it, at twice the time); a killed mutation's row names the
 first failing test. Run by hand, not in CI: 10-40 s per mutation on 2 shared cores.
 (mutmut and cosmic-ray generate their own operators over whole modules; hand-picked,
-snippet-located mutations fit a codebase that is being reorganized better, and keep this
-short.)
+snippet-located mutations stay readable, and are easy to refresh when code moves: the
+entry names the snippet, not a line number.)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ MUTATIONS = (
       (f"{BE}::test_gqa_vo_factors_equal_brute_force_max_over_reading_heads",
        "tests/test_llama.py", "-k", "gqa_vo or (smoothing_is_an_equivalence and v_out)"),
       "GQA v->o factors: query heads grouped by h % G instead of h // (H/G)"),
-    M("static-pv-delta-k", "minisq/qlinear.py",
+    M("static-pv-delta-k", "minisq/attnquant.py",
       "v_s0 = self.static[layer][2]", "v_s0 = self.static[layer][1]",
       (f"{BE}::test_static_int8_attention_equals_its_definition_with_delta_v_on_pv",
        "tests/test_batch_independence.py::test_static_attention_path_int_equals_fake_and_depends_on_no_context"),
@@ -91,13 +91,15 @@ MUTATIONS = (
       "stored tensors memoised per wrapper instead of per buffer: a tied lm_head widened twice"),
 
     # --- quant: the quantizers --------------------------------------------------------------------
-    M("scale-over-128", "minisq/quant.py", "    s = absmax / QMAX\n", "    s = absmax / 128\n",
+    M("scale-over-128", "minisq/quant.py", '"smoothquant": Convention(127.0, -127, 127)',
+      '"smoothquant": Convention(128.0, -127, 127)',
       ("tests/test_quant.py", "-k", "dynamic_scale or definition"),
       "dynamic scale max|x| / 128"),
     M("round-half-up", "minisq/quant.py", "xp.rint(t, out=t)", "xp.floor(t + 0.5, out=t)",
       ("tests/test_quant.py", f"{BF}", "-k", "half_to_even or codes"),
       "round half up instead of half to even"),
-    M("clip-allows-128", "minisq/quant.py", "xp.clip(t, -QMAX, QMAX, out=t)", "xp.clip(t, -QMAX - 1, QMAX, out=t)",
+    M("clip-allows-128", "minisq/quant.py", '"smoothquant": Convention(127.0, -127, 127)',
+      '"smoothquant": Convention(127.0, -128, 127)',
       ("tests/test_quant.py", f"{BF}", "-k", "static_scale_clips or clip"),
       "static codes may reach -128"),
     M("zero-guard-misses-subnormals", "minisq/quant.py",
@@ -115,18 +117,22 @@ MUTATIONS = (
       (f"{BF}", "tests/test_baselines.py", "-k", "per_input_channel or per_channel_activations"),
       "per-input-channel activation scales reduced over channels instead of tokens"),
     M("per-channel-weight-axis", "minisq/quant.py",
-      's = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=0))',
-      's = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=1).T)',
+      's = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=0), convention)',
+      's = dynamic_scale(xp, _absmax_checked(xp, w, "w", axis=1).T, convention)',
       ("tests/test_quant.py", f"{BF}", "-k", "per_channel or per_tensor_token_and_channel"),
       "per-channel weight scales per input channel (square weights do not crash)"),
 
     # --- gemm: the integer GEMM and its epilogue -------------------------------------------------------
-    M("epilogue-drops-col-scale", "minisq/gemm.py", "    y *= r * c  #", "    y *= r  #",
-      ("tests/test_gemm.py", "-k", "epilogue"), "epilogue forgets the weight scale"),
-    M("epilogue-bias-sign", "minisq/gemm.py", "    if b is not None:\n        y += b\n",
-      "    if b is not None:\n        y -= b\n", ("tests/test_gemm.py", "-k", "epilogue"), "epilogue subtracts the bias"),
-    M("blocked-k-drops-last", "minisq/gemm.py", "kb = min(BLOCK_K, K - k0)", "kb = min(BLOCK_K, K - k0 - (K - k0 <= BLOCK_K))",
-      ("tests/test_gemm.py", "-k", "largest_k or extreme or reference"), "K-blocked GEMM drops the last column"),
+    M("epilogue-drops-col-scale", "minisq/kernels/int8_cpu.py", "    y *= r * c  #", "    y *= r  #",
+      ("tests/test_gemm.py", "tests/test_kernels.py", "-k", "epilogue or int8_linear"),
+      "epilogue forgets the weight scale"),
+    M("epilogue-bias-sign", "minisq/kernels/int8_cpu.py", "    if b is not None:\n        y += b\n",
+      "    if b is not None:\n        y -= b\n",
+      ("tests/test_gemm.py", "tests/test_kernels.py", "-k", "epilogue or int8_linear"), "epilogue subtracts the bias"),
+    M("blocked-k-drops-last", "minisq/kernels/int8_cpu.py", "kb = min(BLOCK_K, K - k0)",
+      "kb = min(BLOCK_K, K - k0 - (K - k0 <= BLOCK_K))",
+      ("tests/test_gemm.py", "tests/test_kernels.py", "-k", "largest_k or extreme or reference or k_blocks"),
+      "K-blocked GEMM drops the last column"),
     M("reference-int8-accumulator", "minisq/gemm.py",
       "acc = xp.matmul(a_q.astype(xp.int64), b_q.astype(xp.int64))",
       "acc = xp.matmul(a_q.astype(xp.int16), b_q.astype(xp.int16))",
@@ -134,23 +140,23 @@ MUTATIONS = (
 
     # --- qlinear: W8A8 leaves, static scales, attention ------------------------------------------------
     M("o3-uses-output-range", "minisq/qlinear.py",
-      "x_absmax = stats.input_absmax_of(name) if acts == \"static\" else None",
-      "x_absmax = stats.output_absmax[name] if acts == \"static\" else None",
+      "x_absmax = stats.input_absmax_of(name) if spec.acts == \"static\" else None",
+      "x_absmax = stats.output_absmax[name] if spec.acts == \"static\" else None",
       ("tests/test_qlinear.py", "-k", "o3_leaf_scale"), "static x_scale from the output range"),
-    M("qkv-scales-reversed", "minisq/qlinear.py", "for m in maxima)", "for m in maxima[::-1])",
+    M("qkv-scales-reversed", "minisq/attnquant.py", "for m in maxima)", "for m in maxima[::-1])",
       ("tests/test_batch_independence.py", f"{BF}", "-k", "static_qkv"),
       "Δq and Δv swapped"),
-    M("qk-epilogue-drops-1/sqrt-d", "minisq/qlinear.py",
+    M("qk-epilogue-drops-1/sqrt-d", "minisq/attnquant.py",
       "((q_s * dtype.type(scale)) * k_s.swapaxes(-1, -2))", "(q_s * k_s.swapaxes(-1, -2))",
       ("tests/test_batch_independence.py", "tests/test_qlinear.py", "-k", "int_equals_fake or attention_bmm"),
       "Q·Kᵀ epilogue forgets 1/√D"),
-    M("probs-floor", "minisq/qlinear.py", "xp.clip(xp.rint(p * dtype.type(QMAX)), 0, QMAX)",
+    M("probs-floor", "minisq/attnquant.py", "xp.clip(xp.rint(p * dtype.type(QMAX)), 0, QMAX)",
       "xp.clip(xp.floor(p * dtype.type(QMAX)), 0, QMAX)",
       (f"{BE}::test_static_int8_attention_equals_its_definition_with_delta_v_on_pv",
        "tests/test_batch_independence.py", "-k", "static_attention or static_int8_attention"),
       "P̄ = floor(127 P) instead of round"),
-    M("per-tensor-acts-see-padding", "minisq/qlinear.py", "return quantize_per_sequence(x, mask)\n",
-      "return quantize_per_sequence(x, None)\n",
+    M("per-tensor-acts-see-padding", "minisq/qlinear.py", "return quantize_per_sequence(x, mask, self.convention)\n",
+      "return quantize_per_sequence(x, None, self.convention)\n",
       ("tests/test_batch_independence.py", "-k", "alone_equals"), "per-tensor activation scales set by padding"),
     M("o1-is-per-tensor", "minisq/qlinear.py", '"O1": dict(weights="per_tensor", acts="per_token")',
       '"O1": dict(weights="per_tensor", acts="per_tensor")',
@@ -204,10 +210,12 @@ MUTATIONS = (
     M("llama-qk-range-pre-rope", "minisq/families/llama.py", "return float(np.sqrt((pairs ** 2).sum(axis=1)).max())",
       "return float(a.max())", ("tests/test_llama.py", f"{BF}", "-k", "rotated"),
       "Llama's static q/k range before RoPE (may clip)"),
-    M("llama-rms-no-eps", "minisq/families/llama.py", "1 / xp.sqrt(mean_sq + x.dtype.type(eps))",
-      "1 / xp.sqrt(mean_sq)", ("tests/test_llama.py", "-k", "logits_match and float64"), "RMSNorm without eps"),
-    M("llama-rotate-half-sign", "minisq/families/llama.py", "xp.concatenate([-h[..., half:], h[..., :half]], axis=-1)",
-      "xp.concatenate([h[..., half:], -h[..., :half]], axis=-1)", ("tests/test_llama.py", "-k", "logits_match"),
+    M("llama-rms-no-eps", "minisq/kernels/cpu.py", "1 / xp.sqrt(mean_sq + x.dtype.type(eps))",
+      "1 / xp.sqrt(mean_sq)", ("tests/test_kernels.py", "tests/test_llama.py", "-k", "rms_norm or logits_match"),
+      "RMSNorm without eps (the kernel the model runs)"),
+    M("llama-rotate-half-sign", "minisq/nn.py", "xp.concatenate([-h[..., half:], h[..., :half]], axis=-1)",
+      "xp.concatenate([h[..., half:], -h[..., :half]], axis=-1)",
+      ("tests/test_kernels.py", "tests/test_llama.py", "-k", "apply_rotary or logits_match"),
       "rotate_half with the sign on the wrong half"),
     M("quantized-gqa-head-order", "minisq/families/base.py",
       "xp.broadcast_to(x.reshape(B, T, G, 1, D), (B, T, G, n_rep, D))",
@@ -230,6 +238,29 @@ MUTATIONS = (
     M("kv-cache-v-with-k-scale", "minisq/kvquant.py", "return dequantize(k_q, k_s), dequantize(v_q, v_s)",
       "return dequantize(k_q, k_s), dequantize(v_q, k_s)",
       ("tests/test_baselines.py", "-k", "kv_cache"), "int8 KV cache: values dequantized with the keys' scales"),
+
+    # --- conventions other than the paper's: llm-compressor's factors, compressed-tensors' rounding ------
+    M("llmc-weight-range-no-2", "minisq/conventions.py", "w = 2.0 * np.asarray(w_absmax, np.float64)",
+      "w = np.asarray(w_absmax, np.float64)", ("tests/test_conventions.py", "-k", "oracle or edge_cases"),
+      "llm-compressor's weight statistic max|W| instead of 2·max|W|"),
+    M("llmc-act-range-max-only", "minisq/conventions.py",
+      "np.asarray(stats.channel_max[name], np.float64) - np.asarray(stats.channel_min[name], np.float64)",
+      "np.asarray(stats.channel_max[name], np.float64)", ("tests/test_conventions.py", "-k", "oracle"),
+      "llm-compressor's activation statistic max X instead of max X − min X"),
+    M("ct-divisor-127", "minisq/quant.py", '"compressed-tensors": Convention(127.5, -128, 127)',
+      '"compressed-tensors": Convention(127.0, -128, 127)',
+      ("tests/test_compressed_tensors.py", "-k", "convention_equals"),
+      "compressed-tensors' scale max|x| / 127 instead of / 127.5"),
+
+    # --- the newer families: BLOOM's ALiBi, Mixtral's routing ------------------------------------------
+    M("bloom-alibi-slopes-from-0", "minisq/families/bloom.py",
+      "slopes = base ** np.arange(1, n + 1, dtype=np.float32)", "slopes = base ** np.arange(0, n, dtype=np.float32)",
+      ("tests/test_bloom.py", "-k", "alibi_slopes or logits_match"),
+      "ALiBi slopes b^h from h = 0 (the first head gets slope 1)"),
+    M("mixtral-top-k-not-renormalised", "minisq/families/mixtral.py",
+      "return top / top.sum(axis=-1, keepdims=True), chosen", "return top, chosen",
+      ("tests/test_mixtral.py", "-k", "routing or logits_match"),
+      "Mixtral's top-k routing weights left as softmax probabilities, not renormalised over the k"),
 )
 
 
