@@ -279,3 +279,19 @@ def test_bad_configs_are_config_errors(checkpoints, tmp_path, changes, match):
     (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(minisq.ConfigError, match=match):
         minisq.load(folder)
+
+
+def test_expert_statistics_count_routed_tokens_only(model64):
+    """Experts run on their routed tokens packed into padded batches: padding rows must never
+    enter a statistic. Calibrating three sequences as one [3, T] batch must give every leaf
+    the same signed extremes and maxima as calibrating them one by one (no padding there), up
+    to float64 rounding (BLAS sums a batch of 3 in another order than a batch of 1)."""
+    x = fc.ids(41, (3, 12))
+    together = minisq.calibrate(model64, [x], progress=False)
+    apart = minisq.calibrate(model64, [row for row in x], progress=False)
+    experts = [n for n in together.channel_absmax if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3                        # 2 layers x 4 experts x w1/w2/w3, all reached
+    for name in together.channel_absmax:
+        np.testing.assert_allclose(together.channel_absmax[name], apart.channel_absmax[name], rtol=1e-12, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(together.channel_min[name], apart.channel_min[name], rtol=1e-12, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(together.channel_max[name], apart.channel_max[name], rtol=1e-12, atol=1e-15, err_msg=name)
