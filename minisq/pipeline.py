@@ -136,13 +136,13 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
                       threshold=threshold, group_size=group_size, kv_cache=kv_cache, convention=convention)
     model = load(src, lazy=True)
     if format == "compressed-tensors":      # refuse what the format cannot express before any work
-        from .io.compressed_tensors import CHECKPOINT_PREFIX
+        from .io.compressed_tensors import hf_prefix
+        hf_prefix(model.config)             # the families the format holds
         if (spec.attn_bmm is not False or spec.kv_cache != "float" or spec.threshold is not None
-                or spec.group_size is not None or spec.acts in ("float", "per_channel") or spec.path != "int"
-                or model.config.model_type not in CHECKPOINT_PREFIX):
-            raise ConfigError(f"compressed-tensors holds W8A8 {sorted(CHECKPOINT_PREFIX)} models on the integer path, "
-                              f"without attention-BMM quantization, an int8 KV cache or the baselines' schemes "
-                              f"(this is {model.config.model_type}, preset {preset!r}, attn_bmm={attn_bmm!r})")
+                or spec.group_size is not None or spec.acts in ("float", "per_channel") or spec.path != "int"):
+            raise ConfigError(f"compressed-tensors holds W8A8 models on the integer path, without attention-BMM "
+                              f"quantization, an int8 KV cache or the baselines' schemes "
+                              f"(preset {preset!r}, attn_bmm={attn_bmm!r})")
     groups = resolve_groups(model.config, groups)
     seqs = as_sequences(model, calib)
     final, dst, L = Path(dst), Path(dst), model.config.num_layers

@@ -176,6 +176,10 @@ def attention_input_absmax(config, which: int, channel_absmax) -> float:
 
 # --- tokenizer: openai-community/gpt2's tokenizer_config.json defaults -------------------------------
 
+# why compressed-tensors cannot hold this family (its export has no HF_PREFIX)
+NOT_EXPORTABLE = ("GPT-2's Conv1D layers are not nn.Linear, which the format's 'Linear' target and "
+                  "transformers' loader expect")
+
 SPECIAL_TOKENS = SpecialTokens(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, add_bos=False)
 
 

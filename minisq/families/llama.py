@@ -389,6 +389,8 @@ def attention_input_absmax(config: ModelConfig, which: int, channel_absmax) -> f
 
 # None: found in the folder's files (the family has no fixed special tokens: Llama 2 "<s>",
 # Llama 3 "<|begin_of_text|>", SmolLM "<|endoftext|>", Qwen2 none).
+HF_PREFIX = "model."           # transformers' names of the decoder's tensors (compressed-tensors export)
+
 SPECIAL_TOKENS = SpecialTokens(bos=None, eos=None, pad=None, add_bos=None)
 
 

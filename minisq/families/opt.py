@@ -217,6 +217,8 @@ def attention_input_absmax(config, which: int, channel_absmax) -> float:
 
 # --- tokenizer: facebook/opt-*'s tokenizer_config.json defaults: prepends </s> ----------------------
 
+HF_PREFIX = "model.decoder."   # transformers' names of the decoder's tensors (compressed-tensors export)
+
 SPECIAL_TOKENS = SpecialTokens(bos="</s>", eos="</s>", pad="<pad>", add_bos=True)
 
 

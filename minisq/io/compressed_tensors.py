@@ -64,10 +64,6 @@ QUANT_METHOD = "compressed-tensors"
 FORMAT = "int-quantized"
 VERSION = "0.20.1"   # the compressed-tensors release whose definitions this module follows
 
-# model_type -> prefix of the decoder's tensor names in transformers' checkpoints (lm_head has
-# none). GPT-2 is absent: its Conv1D layers are not the nn.Linear the format's "Linear" targets.
-CHECKPOINT_PREFIX = {"opt": "model.decoder.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
-
 _INT8 = dict(num_bits=8, type="int", symmetric=True, group_size=None)
 WEIGHT_ARGS = {"per_channel": dict(strategy="channel", dynamic=False),
                "per_tensor": dict(strategy="tensor", dynamic=False)}
@@ -119,17 +115,24 @@ def _refuse(name: str, leaf) -> None:
                           "quantize with convention='compressed-tensors' so that minisq computes what they compute")
 
 
+def hf_prefix(config) -> str:
+    """transformers' prefix of the decoder's tensor names for this model's family (its
+    ``HF_PREFIX``), or a ConfigError for a family the format cannot hold (``NOT_EXPORTABLE``)."""
+    family = family_for(config)
+    if getattr(family, "HF_PREFIX", None) is None:
+        why = getattr(family, "NOT_EXPORTABLE", "")
+        raise ConfigError(f"cannot export a {config.model_type} model to compressed-tensors: minisq writes the OPT "
+                          f"and Llama families (llama, mistral, qwen2)" + (f" ({why})" if why else ""))
+    return family.HF_PREFIX
+
+
 def check_exportable(model) -> None:
     """ConfigError unless the format can express ``model``'s scheme exactly."""
     q = model.info.get("quantization")
     if not q:
         raise ConfigError("compressed-tensors holds quantized models: quantize first "
                           "(minisq.quantize(model, 'O1', convention='compressed-tensors'))")
-    if model.config.model_type not in CHECKPOINT_PREFIX:
-        raise ConfigError(f"cannot export a {model.config.model_type} model to compressed-tensors: minisq writes "
-                          f"{sorted(CHECKPOINT_PREFIX)}" + (" (GPT-2's Conv1D layers are not nn.Linear, which the "
-                          "format's 'Linear' target and transformers' loader expect)" if model.config.model_type
-                          == "gpt2" else ""))
+    hf_prefix(model.config)
     if model.attn_quant is not None:
         raise ConfigError("cannot export attention-BMM quantization (attn_bmm): compressed-tensors' int-quantized "
                           "format quantizes linear layers only; quantize with attn_bmm=False")
@@ -144,7 +147,7 @@ def hf_state_dict(model, dtype: str) -> tuple:
     """``(tensors, schemes, ignore)``: the model's tensors under its Hugging Face names and
     layouts (floats in ``dtype``), ``{(weights, acts): [quantized names]}`` and the float
     linears' names."""
-    prefix = CHECKPOINT_PREFIX[model.config.model_type]
+    prefix = hf_prefix(model.config)
     embedding = model._embedding()
     out, schemes, ignore = {}, {}, []
 
@@ -286,11 +289,7 @@ def _write_tokenizer(model, folder: Path) -> None:
     for n in copied:
         shutil.copyfile(src / n, folder / n)
     if not copied and model.tokenizer is not None:
-        model.tokenizer.bpe.save(str(folder / "tokenizer.json"))
-        special = model.tokenizer.special
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
-             "add_bos_token": special.add_bos}, indent=1))
+        model.tokenizer.save(folder)
 
 
 # ---------------------------------------------------------------------------------- reading

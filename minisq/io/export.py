@@ -140,11 +140,7 @@ def save_model(model, folder, format: str = "minisq") -> Path:
               metadata={"format": FORMAT, "config": config_fingerprint(model.config.to_dict())})
     (folder / "minisq.json").write_text(json.dumps(meta, indent=1))
     if model.tokenizer is not None:
-        model.tokenizer.bpe.save(str(folder / "tokenizer.json"))
-        special = model.tokenizer.special     # what the tokenizer was loaded with, as transformers writes it
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
-             "add_bos_token": special.add_bos}, indent=1))
+        model.tokenizer.save(folder)
     return folder
 
 

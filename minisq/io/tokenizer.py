@@ -16,6 +16,7 @@ module holds its row), not control flow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import tokenizers
@@ -80,6 +81,16 @@ class Tokenizer:
                 f"token ids {bad[:5]} are outside the tokenizer's vocabulary [0, {self.vocab_size})"
             )
         return self.bpe.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, folder) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (the special tokens this
+        tokenizer was loaded with, under transformers' names) into ``folder``."""
+        folder = Path(folder)
+        self.bpe.save(str(folder / "tokenizer.json"))
+        special = self.special
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
+             "add_bos_token": special.add_bos}, indent=1))
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
