@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from .errors import ConfigError
 
 
@@ -40,6 +42,14 @@ def integer(name: str, value, lo: int | None = None, hi: int | None = None, *, e
     if hi is not None and n > hi:
         raise error(f"{name} must be <= {hi}, got {n}")
     return n
+
+
+def flag(name: str, value, *, error=ConfigError) -> bool:
+    """``value`` as a Python bool: only True or False (NumPy's included), never a truthy string
+    such as ``"no"``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise error(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def alpha(value, name: str = "alpha"):

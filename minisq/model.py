@@ -346,8 +346,7 @@ class Model:
         top_k = None if top_k is None else checks.integer("top_k", top_k, 1)
         max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, 0)
         seed = None if seed is None else checks.integer("seed", seed, 0)
-        if not isinstance(stop_at_eos, (bool, np.bool_)):
-            raise ConfigError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
+        stop_at_eos = checks.flag("stop_at_eos", stop_at_eos)
         ids, mask, _ = self._check_inputs(ids, attention_mask, None)
         (B, T), P = ids.shape, self.config.max_positions
         if T + max_new_tokens > P:

@@ -131,7 +131,7 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
         raise ConfigError(f"format={format!r} is not one of ('minisq', 'compressed-tensors')")
     convention = "compressed-tensors" if format == "compressed-tensors" else "smoothquant"
     alpha = checks.alpha(alpha)
-    smooth, resume = _flag("smooth", smooth), _flag("resume", resume)
+    smooth, resume = checks.flag("smooth", smooth), checks.flag("resume", resume)
     spec = quant_spec(preset, path=path, skip=DEFAULT_SKIP if skip is None else skip, attn_bmm=attn_bmm,
                       threshold=threshold, group_size=group_size, kv_cache=kv_cache, convention=convention)
     model = load(src, lazy=True)
@@ -207,12 +207,6 @@ def _to_compressed_tensors(work: Path, final: Path) -> Path:
         save_compressed_tensors(load(work), final)
     shutil.rmtree(work)
     return final
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 class _Run:
