@@ -194,13 +194,13 @@ class Recorder:
                 f"non-finite activations (NaN/inf) flow into layer {name!r}: the model or its inputs "
                 "overflow (e.g. float16); calibrate in float32"
             )
-        ax = np.abs(x2).max(axis=0).astype(np.float64)                  # [C_in]
+        lo, hi = x2.min(axis=0).astype(np.float64), x2.max(axis=0).astype(np.float64)     # [C_in] signed
+        ax = np.abs(np.maximum(hi, -lo))                                # [C_in] max|x| (abs: never -0.0)
         ay = np.abs(y2).max(axis=0).astype(np.float64)                  # [C_out]
         prev = self.channel.get(name)
         self.channel[name] = ax if prev is None else np.maximum(prev, ax)
         prev = self.out_channel.get(name)
         self.out_channel[name] = ay if prev is None else np.maximum(prev, ay)
-        lo, hi = x2.min(axis=0).astype(np.float64), x2.max(axis=0).astype(np.float64)     # [C_in] signed
         self.lo[name] = lo if name not in self.lo else np.minimum(self.lo[name], lo)
         self.hi[name] = hi if name not in self.hi else np.maximum(self.hi[name], hi)
         self.inp[name] = max(self.inp.get(name, 0.0), float(ax.max()))
