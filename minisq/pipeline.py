@@ -155,7 +155,7 @@ def quantize_checkpoint(src, dst, calib, preset: str = "O3", alpha=0.5, smooth: 
         from .baselines import check_group_size
 
         prefix = model.family.LAYER_PREFIX.format(i=0)
-        for name, leaf in _walk(model.layer(0), prefix + "."):
+        for name, leaf in _walk(model.family.layers(model.params)[0], prefix + "."):   # as stored: shapes only
             if not spec.skips(name):
                 check_group_size(spec.group_size, leaf.w.shape[0], name)
     key = dict(format=FORMAT, src=str(src), alpha=alpha, smooth=smooth, groups=list(groups),
