@@ -13,6 +13,7 @@ The GPU kernels (:mod:`minisq.kernels.cuda`) get CuPy from here too (:func:`cupy
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
@@ -122,3 +123,15 @@ def cublas_module():
 def cublas_handle() -> int:
     """The cuBLAS handle CuPy keeps for the current device (an int pointer)."""
     return cupy().cuda.device.get_cublas_handle()
+
+
+def available_memory() -> int | None:
+    """Bytes of CPU memory available to a new allocation (Linux ``MemAvailable``: free memory
+    plus what the page cache would give back), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

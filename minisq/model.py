@@ -14,13 +14,12 @@ What differs between architectures lives in one module per family (:mod:`minisq.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import numpy as np
 
 from . import checks, nn
-from .backend import get_array_module, to_device, to_numpy
+from .backend import available_memory, get_array_module, to_device, to_numpy
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NonFiniteError
 from .families import family_for
@@ -425,14 +424,11 @@ def _float_arrays(node, name: str):
 
 
 def _check_cache_fits(nbytes: int, device: str) -> None:
-    """Refuse a KV cache bigger than the machine's free memory before reserving it."""
-    try:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") if device == "cpu" else None
-    except (AttributeError, ValueError, OSError):      # no sysconf (Windows) or no such name
-        free = None
+    """Refuse a KV cache bigger than the machine's available memory before reserving it."""
+    free = available_memory() if device == "cpu" else None
     if free is not None and nbytes > free:
         raise InputError(f"the KV cache would take {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} "
-                         "GiB free: generate fewer tokens or a smaller batch")
+                         "GiB available: generate fewer tokens or a smaller batch")
 
 
 def _pick(logits, temperature: float, top_k: int | None, rng) -> np.ndarray:

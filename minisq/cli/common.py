@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import MinisqError, load
+from ..backend import available_memory
 
 # Peak memory of an eager run, in float32 model sizes: the model, its smoothed copy, and one
 # quantized variant (int8 weights, a quarter) with activations. A model whose float32
@@ -51,17 +52,6 @@ def run_program(prog: str, body, args) -> int:
 
 
 # --- memory and loading ---------------------------------------------------------------------
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
 
 _STORAGE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
